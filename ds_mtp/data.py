@@ -1,0 +1,313 @@
+"""The one token-shard format: writer, memory-mapped reader, and the window sampler.
+
+A data directory holds, per split, shards ``{split}_{i:05d}.bin`` (token ids, little-endian uint16
+when the vocabulary fits, else uint32) with ``{split}_{i:05d}.idx`` (int64 document start offsets
+followed by the shard's token count, so ``len(idx) == documents + 1``), and one ``meta.json``
+describing the vocabulary, special ids and every shard. Files are written under temporary names,
+fsynced and renamed, and ``meta.json`` is written last: a directory whose meta.json exists is
+complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ds_mtp.errors import UserError
+
+META_NAME = "meta.json"
+FORMAT_VERSION = 1
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:05d}"
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes under a temporary name, fsync, then rename into place."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ShardInfo:
+    """One shard as recorded in meta.json."""
+
+    name: str
+    tokens: int
+    documents: int
+    sha256: str
+    idx_sha256: str
+
+
+@dataclass
+class Meta:
+    """Contents of meta.json: what a reader needs to interpret the shards."""
+
+    vocab_size: int
+    """Number of token ids; every id in every shard is below it."""
+    dtype: str
+    """numpy dtype string of the .bin files ("<u2" or "<u4")."""
+    special_ids: dict
+    """Special token ids by name: pad, bos, eos, unk (a missing or null entry means none)."""
+    splits: dict = field(default_factory=dict)
+    """Split name -> list of ShardInfo dicts."""
+    max_token_id: int = -1
+    """Largest id written in any shard (-1 when empty)."""
+    extra: dict = field(default_factory=dict)
+    """Producer-specific information (tokenizer hash, world parameters, command line ...)."""
+    format_version: int = FORMAT_VERSION
+
+    def shards(self, split: str) -> list[ShardInfo]:
+        return [ShardInfo(**s) for s in self.splits.get(split, [])]
+
+    def write(self, out_dir: Path) -> None:
+        write_atomic(Path(out_dir) / META_NAME, (json.dumps(asdict(self), indent=2) + "\n").encode())
+
+
+def read_meta(data_dir: str | Path) -> Meta:
+    path = Path(data_dir) / META_NAME
+    if not Path(data_dir).is_dir():
+        raise UserError(f"data directory not found: {data_dir}")
+    if not path.is_file():
+        raise UserError(f"no {META_NAME} in {data_dir}: not a ds-mtp data directory (or an unfinished one)")
+    try:
+        raw = json.loads(path.read_text())
+        return Meta(**raw)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise UserError(f"{path} is not a valid ds-mtp meta file: {e}") from None
+
+
+class ShardWriter:
+    """Appends documents to the shards of one split, rolling over every ~``shard_tokens`` tokens.
+
+    Shards become visible under their final names only when complete; call ``close()`` and then
+    record the returned infos in a Meta written last.
+    """
+
+    def __init__(self, out_dir: str | Path, split: str, vocab_size: int, shard_tokens: int = 1 << 26,
+                 first_index: int = 0):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.split = split
+        self.vocab_size = vocab_size
+        self.dtype = token_dtype(vocab_size)
+        self.shard_tokens = shard_tokens
+        self.index = first_index
+        self.infos: list[ShardInfo] = []
+        self.max_token_id = -1
+        self._open()
+
+    def _open(self) -> None:
+        base = self.out_dir / shard_name(self.split, self.index)
+        self._bin_path = base.with_suffix(".bin")
+        self._idx_path = base.with_suffix(".idx")
+        self._bin = open(self._bin_path.with_name(self._bin_path.name + ".tmp"), "wb")
+        self._bin_hash = hashlib.sha256()
+        self._offsets = [0]
+
+    def add(self, tokens) -> None:
+        """Append one document (a sequence of token ids)."""
+        arr = np.asarray(tokens)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            raise ValueError(f"token id out of range [0, {self.vocab_size}) in document")
+        data = arr.astype(self.dtype, copy=False).tobytes()
+        self._bin.write(data)
+        self._bin_hash.update(data)
+        self._offsets.append(self._offsets[-1] + arr.size)
+        if arr.size:
+            self.max_token_id = max(self.max_token_id, int(arr.max()))
+        if self._offsets[-1] >= self.shard_tokens:
+            self._finish()
+            self.index += 1
+            self._open()
+
+    def _finish(self) -> None:
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        os.replace(self._bin_path.with_name(self._bin_path.name + ".tmp"), self._bin_path)
+        idx = np.asarray(self._offsets, dtype="<i8").tobytes()
+        write_atomic(self._idx_path, idx)
+        self.infos.append(ShardInfo(
+            name=self._bin_path.stem, tokens=self._offsets[-1], documents=len(self._offsets) - 1,
+            sha256=self._bin_hash.hexdigest(), idx_sha256=hashlib.sha256(idx).hexdigest()))
+
+    def close(self) -> list[ShardInfo]:
+        """Finish the open shard (dropped if empty) and return all shard infos."""
+        if len(self._offsets) > 1:
+            self._finish()
+        else:
+            self._bin.close()
+            os.unlink(self._bin_path.with_name(self._bin_path.name + ".tmp"))
+        return self.infos
+
+
+def write_documents(out_dir: str | Path, documents_by_split: dict, *, vocab_size: int, special_ids: dict,
+                    extra: dict | None = None, shard_tokens: int = 1 << 26) -> Meta:
+    """Write whole splits (iterables of token sequences) and meta.json in one call."""
+    meta = Meta(vocab_size=vocab_size, dtype=token_dtype(vocab_size).str, special_ids=special_ids,
+                extra=extra or {})
+    for split, docs in documents_by_split.items():
+        writer = ShardWriter(out_dir, split, vocab_size, shard_tokens)
+        for doc in docs:
+            writer.add(doc)
+        meta.splits[split] = [asdict(i) for i in writer.close()]
+        meta.max_token_id = max(meta.max_token_id, writer.max_token_id)
+    meta.write(Path(out_dir))
+    return meta
+
+
+class TokenShards:
+    """Memory-mapped view of one split: token arrays and document offsets per shard."""
+
+    def __init__(self, data_dir: str | Path, split: str = "train"):
+        self.data_dir = Path(data_dir)
+        self.meta = read_meta(data_dir)
+        self.split = split
+        infos = [s for s in self.meta.shards(split) if s.tokens > 0]
+        if not infos:
+            raise UserError(f"{data_dir} has no '{split}' tokens")
+        self.tokens: list[np.ndarray] = []
+        self.offsets: list[np.ndarray] = []
+        for info in infos:
+            bin_path = self.data_dir / f"{info.name}.bin"
+            idx_path = self.data_dir / f"{info.name}.idx"
+            if not bin_path.is_file() or not idx_path.is_file():
+                raise UserError(f"shard {info.name} listed in {META_NAME} is missing from {data_dir}")
+            toks = np.memmap(bin_path, dtype=np.dtype(self.meta.dtype), mode="r")
+            offs = np.fromfile(idx_path, dtype="<i8")
+            if toks.size != info.tokens or offs.size != info.documents + 1 or offs[-1] != toks.size:
+                raise UserError(f"shard {info.name} in {data_dir} does not match {META_NAME} (truncated or replaced)")
+            self.tokens.append(toks)
+            self.offsets.append(offs)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(t.size for t in self.tokens)
+
+    @property
+    def num_documents(self) -> int:
+        return sum(o.size - 1 for o in self.offsets)
+
+    def document(self, i: int) -> np.ndarray:
+        """Document i of the split (across shards), as an int64 array."""
+        for toks, offs in zip(self.tokens, self.offsets):
+            n = offs.size - 1
+            if i < n:
+                return np.asarray(toks[offs[i]:offs[i + 1]], dtype=np.int64)
+            i -= n
+        raise IndexError(i)
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor
+    """[B, T] int64 token ids."""
+    doc_ids: torch.Tensor
+    """[B, T] int64; equal values mark positions of one document within a row."""
+
+
+class WindowSampler:
+    """Deterministic, rank-disjoint, resumable batches of fixed-length windows.
+
+    ``mode="packed"``: the split is cut into consecutive non-overlapping windows of ``seq_len``
+    tokens (per shard); documents run across window positions and ``doc_ids`` tell them apart.
+    ``mode="document"``: one document per row, truncated to ``seq_len`` and right-padded with the
+    pad id (for short, self-contained sequences such as graph paths).
+
+    Samples are drawn from a stream that is a fresh permutation every epoch (seeded by
+    ``seed`` and the epoch). Micro-batch ``g`` of data-parallel rank ``r`` takes stream items
+    ``[(g*dp + r)*B, (g*dp + r + 1)*B)``, so ranks never share a sample and the position is a
+    single integer.
+    """
+
+    def __init__(self, shards: TokenShards, seq_len: int, micro_batch: int, *, seed: int = 0,
+                 dp_rank: int = 0, dp_size: int = 1, mode: str = "packed"):
+        if mode not in ("packed", "document"):
+            raise UserError(f"unknown sampling mode '{mode}' (expected packed or document)")
+        self.shards, self.seq_len, self.micro_batch = shards, seq_len, micro_batch
+        self.seed, self.dp_rank, self.dp_size, self.mode = seed, dp_rank, dp_size, mode
+        self.pad_id = shards.meta.special_ids.get("pad")
+        if mode == "document" and self.pad_id is None:
+            raise UserError("document sampling needs a pad id in meta.json special_ids")
+        if mode == "packed":
+            per_shard = np.array([t.size // seq_len for t in shards.tokens], dtype=np.int64)
+            if per_shard.sum() == 0:
+                raise UserError(f"split '{shards.split}' has fewer tokens than one window of {seq_len}")
+        else:
+            per_shard = np.array([o.size - 1 for o in shards.offsets], dtype=np.int64)
+        self._first = np.concatenate([[0], np.cumsum(per_shard)])
+        self.num_samples = int(self._first[-1])
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.clear()
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perms[epoch] = rng.permutation(self.num_samples)
+        return self._perms[epoch]
+
+    def sample_ids(self, micro_index: int) -> np.ndarray:
+        start = (micro_index * self.dp_size + self.dp_rank) * self.micro_batch
+        stream = np.arange(start, start + self.micro_batch, dtype=np.int64)
+        epochs, within = np.divmod(stream, self.num_samples)
+        ids = np.empty_like(stream)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            ids[sel] = self._permutation(int(e))[within[sel]]
+        return ids
+
+    def batch(self, micro_index: int) -> Batch:
+        """The micro-batch number ``micro_index`` (counted from 0 over the whole run) of this rank."""
+        ids = self.sample_ids(micro_index)
+        T = self.seq_len
+        tokens = np.empty((ids.size, T), dtype=np.int64)
+        doc_ids = np.empty((ids.size, T), dtype=np.int64)
+        shard_of = np.searchsorted(self._first, ids, side="right") - 1
+        cols = np.arange(T, dtype=np.int64)
+        for s in np.unique(shard_of):
+            rows = np.nonzero(shard_of == s)[0]
+            local = ids[rows] - self._first[s]
+            toks, offs = self.shards.tokens[s], self.shards.offsets[s]
+            if self.mode == "packed":
+                pos = local[:, None] * T + cols  # [n, T] absolute positions in the shard
+                tokens[rows] = toks[pos]
+                doc_ids[rows] = np.searchsorted(offs, pos, side="right") - 1
+            else:
+                start, length = offs[local], np.minimum(offs[local + 1] - offs[local], T)
+                inside = cols < length[:, None]
+                pos = np.where(inside, start[:, None] + cols, start[:, None])
+                tokens[rows] = np.where(inside, toks[pos], self.pad_id)
+                doc_ids[rows] = local[:, None]
+        return Batch(torch.from_numpy(tokens), torch.from_numpy(doc_ids))
