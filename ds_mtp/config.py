@@ -1,0 +1,291 @@
+"""Run configuration: dataclasses with a docstring per field, presets, YAML/JSON loading, overrides.
+
+A run config is a YAML or JSON mapping with the sections ``model``, ``objective``, ``train`` and
+``data``; any field can be overridden on the command line as ``section.field=value`` (the value is
+parsed as YAML, so ``train.max_steps=200`` is an int and ``model.tie_embeddings=false`` a bool).
+``model.preset`` picks a preset whose fields the rest of the ``model`` section then overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ds_mtp.errors import UserError
+
+HEAD_TYPES = ("linear", "block", "sequential")
+
+
+@dataclass
+class ModelConfig:
+    """The transformer trunk and its multi-token heads."""
+
+    preset: str = ""
+    """Name of a preset in PRESETS that supplies the defaults of this section ("" = none)."""
+    vocab_size: int = 0
+    """Number of token ids; 0 takes it from the data's meta.json."""
+    n_layer: int = 4
+    """Number of transformer blocks in the trunk."""
+    n_head: int = 4
+    """Attention heads per block."""
+    d_model: int = 128
+    """Residual stream width d."""
+    d_ff: int = 0
+    """MLP hidden width; 0 means 4*d (GELU) or the usual 8/3*d rounded to 64 (SwiGLU)."""
+    max_seq_len: int = 256
+    """Longest sequence the model accepts (size of the learned position table)."""
+    positions: str = "rope"
+    """Position encoding: "rope" or "learned"."""
+    norm: str = "rmsnorm"
+    """Normalisation: "rmsnorm" or "layernorm"."""
+    mlp: str = "swiglu"
+    """MLP type: "gelu" or "swiglu"."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the unembedding."""
+    bias: bool = False
+    """Bias terms in linear layers and LayerNorm."""
+    dropout: float = 0.0
+    """Dropout on attention weights and residual branches."""
+    mtp_k: int = 1
+    """K, the number of prediction heads counting the next-token head (1 = next-token training)."""
+    head_type: str = "linear"
+    """Extra-head architecture: "linear" (the paper), "block" (Gloeckle et al.), "sequential" (DeepSeek-V3)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of weight matrices."""
+
+    @property
+    def ff_width(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            return 64 * ((int(8 * self.d_model / 3) + 63) // 64)
+        return 4 * self.d_model
+
+
+@dataclass
+class ObjectiveConfig:
+    """Weights of the LSE-MTP loss terms."""
+
+    lambda_latent: float = 0.1
+    """λ_l, weight of the latent-trajectory MSE between ĥ_{t,k} and sg h_{t+k-1}."""
+    lambda_semantic: float = 0.1
+    """λ_s, weight of the semantic-anchor MSE between ĥ_{t,k} and sg E[x_{t+k}]."""
+    distance: str = "mse"
+    """Distance of the latent and semantic terms: "mse" or "cosine" (1 - cosine similarity)."""
+    head_weights: list | None = None
+    """Per-head cross-entropy weights w_1..w_K; null = all ones."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, checkpoints and the DeepSpeed layout."""
+
+    seq_len: int = 128
+    """Tokens per training window T."""
+    micro_batch: int = 8
+    """Windows per rank per forward/backward."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    max_steps: int = 100
+    """Optimizer steps to train."""
+    lr: float = 5e-4
+    """Peak learning rate (the paper: 5e-4)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio (the paper: a tenth of the peak)."""
+    warmup_steps: int = -1
+    """Linear warm-up steps; -1 means max_steps // 20 (the paper)."""
+    beta1: float = 0.9
+    """AdamW β1."""
+    beta2: float = 0.95
+    """AdamW β2."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to weight matrices only (not norms, biases or the MTP transitions' biases)."""
+    grad_clip: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    seed: int = 1234
+    """Seed of parameters, data order and dropout."""
+    stop_after: int = 0
+    """Stop (with a checkpoint) after this step, as a preempted job would; 0 = run to max_steps."""
+    save_every: int = 0
+    """Save a DeepSpeed checkpoint every N optimizer steps (0 = only at the end)."""
+    log_every: int = 1
+    """Print a progress line every N steps (metrics.jsonl gets every step)."""
+    zero_stage: int = 3
+    """ZeRO stage (0-3). Pipeline parallelism supports only 0 and 1."""
+    pipeline_stages: int = 1
+    """Pipeline stages P (>1 needs ZeRO 0 or 1)."""
+    ds_config: str = ""
+    """DeepSpeed JSON config; "" picks ds_configs/zero3.json (or pipeline_zero1.json with a pipeline)."""
+    precision: str = "auto"
+    """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"."""
+    save_model: bool = True
+    """At the end, write a consolidated model.safetensors + config.json under RUN_DIR/model."""
+
+
+@dataclass
+class DataConfig:
+    """Where training windows come from."""
+
+    path: str = ""
+    """Directory with meta.json and token shards (ds_mtp.data format)."""
+    split: str = "train"
+    """Split to train on."""
+    sampling: str = "packed"
+    """"packed" windows over the token stream, or "document" (one document per row, padded)."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's graph model: 6 layers, 6 heads, d=120, learned positions, LayerNorm, GELU, tied, no bias.
+    "paper-graph": dict(n_layer=6, n_head=6, d_model=120, max_seq_len=64, positions="learned",
+                        norm="layernorm", mlp="gelu", tie_embeddings=True, bias=False, dropout=0.0),
+    "tiny": dict(n_layer=2, n_head=2, d_model=64, max_seq_len=256, positions="rope", norm="rmsnorm",
+                 mlp="swiglu", tie_embeddings=True, bias=False),
+    "small": dict(n_layer=6, n_head=8, d_model=384, max_seq_len=1024, positions="rope", norm="rmsnorm",
+                  mlp="swiglu", tie_embeddings=True, bias=False),
+}
+
+_SECTIONS = {"model": ModelConfig, "objective": ObjectiveConfig, "train": TrainConfig, "data": DataConfig}
+
+
+def _build(cls, values: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"unknown field{'s' if len(unknown) > 1 else ''} in {where}: {', '.join(unknown)}")
+    obj = cls(**values)
+    for f in fields(cls):
+        default = getattr(cls(), f.name)
+        value = getattr(obj, f.name)
+        if default is not None and value is not None and not isinstance(value, type(default)):
+            if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+                try:  # YAML 1.1 reads 1e-3 as a string, and 1 is an int where a float is meant
+                    setattr(obj, f.name, float(value))
+                except ValueError:
+                    raise UserError(f"{where}.{f.name} must be a number, got {value!r}") from None
+            else:
+                raise UserError(f"{where}.{f.name} must be {type(default).__name__}, got {value!r}")
+    return obj
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise UserError("a run config must be a mapping with model/objective/train/data sections")
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise UserError(f"unknown config section(s): {', '.join(unknown)} (expected model, objective, train, data)")
+    model_raw = dict(raw.get("model") or {})
+    preset = model_raw.get("preset", "")
+    if preset:
+        if preset not in PRESETS:
+            raise UserError(f"unknown model preset '{preset}' (choose from {', '.join(PRESETS)})")
+        model_raw = {**PRESETS[preset], **model_raw}
+    sections = {name: _build(cls, model_raw if name == "model" else dict(raw.get(name) or {}), name)
+                for name, cls in _SECTIONS.items()}
+    return RunConfig(**sections)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``section.field=value`` strings to a raw config mapping (values parsed as YAML)."""
+    raw = json.loads(json.dumps(raw))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise UserError(f"override '{item}' is not of the form section.field=value")
+        if section not in _SECTIONS:
+            raise UserError(f"override '{item}': unknown section '{section}'")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        raw.setdefault(section, {})
+        raw[section] = dict(raw[section] or {})
+        raw[section][name] = parsed
+    return raw
+
+
+def load_raw(path: str | Path | None) -> dict:
+    if not path:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        text = path.read_text()
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"cannot parse config {path}: {str(e).splitlines()[0]}") from None
+    return raw or {}
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML/JSON run config, apply overrides, and validate what needs no data."""
+    cfg = config_from_dict(apply_overrides(load_raw(path), list(overrides)))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need only the config; data-dependent checks happen where the data is opened."""
+    m, o, t = cfg.model, cfg.objective, cfg.train
+    if m.mtp_k < 1:
+        raise UserError(f"model.mtp_k must be at least 1 (got {m.mtp_k})")
+    if m.mtp_k >= t.seq_len:
+        raise UserError(f"model.mtp_k={m.mtp_k} must be smaller than train.seq_len={t.seq_len}")
+    if m.head_type not in HEAD_TYPES:
+        raise UserError(f"unknown head type '{m.head_type}' (choose from {', '.join(HEAD_TYPES)})")
+    for name, value, choices in (("positions", m.positions, ("rope", "learned")),
+                                 ("norm", m.norm, ("rmsnorm", "layernorm")),
+                                 ("mlp", m.mlp, ("gelu", "swiglu"))):
+        if value not in choices:
+            raise UserError(f"model.{name} must be one of {', '.join(choices)} (got '{value}')")
+    if m.d_model % m.n_head:
+        raise UserError(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}")
+    if m.positions == "rope" and (m.d_model // m.n_head) % 2:
+        raise UserError("RoPE needs an even head dimension (d_model / n_head)")
+    if t.seq_len > m.max_seq_len:
+        raise UserError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if o.lambda_latent < 0 or o.lambda_semantic < 0:
+        raise UserError(f"loss weights must be non-negative (lambda_latent={o.lambda_latent}, "
+                        f"lambda_semantic={o.lambda_semantic})")
+    if o.distance not in ("mse", "cosine"):
+        raise UserError(f"objective.distance must be mse or cosine (got '{o.distance}')")
+    if o.head_weights is not None and len(o.head_weights) != m.mtp_k:
+        raise UserError(f"objective.head_weights has {len(o.head_weights)} entries, expected K={m.mtp_k}")
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"train.zero_stage must be 0, 1, 2 or 3 (got {t.zero_stage})")
+    if t.pipeline_stages < 1:
+        raise UserError(f"train.pipeline_stages must be at least 1 (got {t.pipeline_stages})")
+    if t.pipeline_stages > 1 and t.zero_stage >= 2:
+        raise UserError(
+            f"pipeline_stages={t.pipeline_stages} with zero_stage={t.zero_stage}: DeepSpeed does not combine "
+            "pipeline parallelism with ZeRO-2/3; use a pipeline with zero_stage=1, or ZeRO-3 with pipeline_stages=1")
+    if t.pipeline_stages > 1:
+        raise UserError("pipeline parallelism (train.pipeline_stages > 1) is not available in this version")
+    for name in ("max_steps", "micro_batch", "grad_accum", "seq_len"):
+        if getattr(t, name) < 1:
+            raise UserError(f"train.{name} must be at least 1 (got {getattr(t, name)})")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"train.precision must be auto, fp32 or bf16 (got '{t.precision}')")
+    if t.lr <= 0:
+        raise UserError(f"train.lr must be positive (got {t.lr})")
+    if cfg.data.sampling not in ("packed", "document"):
+        raise UserError(f"data.sampling must be packed or document (got '{cfg.data.sampling}')")

@@ -1,0 +1,144 @@
+"""DeepSpeed set-up for the ZeRO layouts: the DeepSpeed config, the model, AdamW and the schedule.
+
+The engine's forward computes the whole loss (ds_mtp.objective), so under ZeRO-3 the embedding
+that the unembedding and the semantic anchor read is registered as an external parameter of the
+top module: it is gathered for the full forward, not only inside its owner's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from ds_mtp.config import RunConfig
+from ds_mtp.errors import UserError
+from ds_mtp.model import MTPModel
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+def default_ds_config_path(cfg: RunConfig) -> Path:
+    return DS_CONFIG_DIR / "zero3.json"
+
+
+def on_gpu() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() != "cpu"
+
+
+def build_ds_config(cfg: RunConfig, dp_size: int, gpu: bool) -> dict:
+    """Read the DeepSpeed JSON and fill in what ds-mtp owns: batch sizes, clipping, ZeRO stage, precision.
+
+    A value the file sets that contradicts ds-mtp's own config is an error, not a silent override.
+    """
+    t = cfg.train
+    path = Path(t.ds_config) if t.ds_config else default_ds_config_path(cfg)
+    if not path.is_file():
+        raise UserError(f"DeepSpeed config not found: {path}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    owned = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * dp_size,
+        "gradient_clipping": t.grad_clip,
+    }
+    for key, value in owned.items():
+        if key in ds and ds[key] != value:
+            raise UserError(f"{path}: {key}={ds[key]} contradicts the run config ({key}={value} from "
+                            f"micro_batch={t.micro_batch}, grad_accum={t.grad_accum}, data-parallel size={dp_size})")
+        ds[key] = value
+    ds.setdefault("zero_optimization", {})["stage"] = t.zero_stage
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and gpu)
+    ds["bf16"] = {"enabled": bf16}
+    ds.pop("fp16", None)
+    ds.pop("optimizer", None)  # ds-mtp builds AdamW itself (weight decay on matrices only)
+    ds.pop("scheduler", None)
+    return ds
+
+
+def lr_lambda(cfg: RunConfig):
+    """Linear warm-up to the peak, then cosine decay to min_lr_ratio of it at max_steps."""
+    t = cfg.train
+    warmup = t.warmup_steps if t.warmup_steps >= 0 else t.max_steps // 20
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, t.max_steps - warmup))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay weight matrices (and embeddings); never norms or biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def init_distributed() -> None:
+    """Join the default process group: from the deepspeed launcher's or mpirun's environment, or as a
+    world of one when started directly."""
+    import deepspeed
+
+    if "RANK" not in os.environ and not any(v in os.environ for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK")):
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    gpu = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=True, verbose=False)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_engine(cfg: RunConfig, pad_id: int | None):
+    """Create the model and the DeepSpeed engine. Returns (engine, model)."""
+    import deepspeed
+    import deepspeed.comm as dist
+
+    torch.manual_seed(cfg.train.seed)
+    model = MTPModel(cfg.model, cfg.objective, pad_id)
+    if cfg.train.zero_stage == 3:
+        for p in model.external_parameters():
+            deepspeed.zero.register_external_parameter(model, p)
+    ds_config = build_ds_config(cfg, dist.get_world_size(), on_gpu())
+    t = cfg.train
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
+                                  fused=on_gpu())
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    return engine, model
+
+
+def consolidated_state_dict(engine) -> dict | None:
+    """Full fp32 weights on rank 0 (None elsewhere), gathering ZeRO-3 partitions when needed."""
+    import deepspeed
+    import deepspeed.comm as dist
+
+    module = engine.module
+    params = list(module.parameters())
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} \
+                if dist.get_rank() == 0 else None
+    else:
+        state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()} \
+            if dist.get_rank() == 0 else None
+    return state

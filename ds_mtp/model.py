@@ -1,0 +1,281 @@
+"""The decoder-only transformer and its multi-token prediction heads, as an ordered list of layers.
+
+embedding → blocks → output heads (final norm, K−1 extra heads, shared unembedding). Head 1 decodes
+the post-norm trunk state h_t; head k ≥ 2 produces ĥ_{t,k}, decoded by the same unembedding:
+  linear      ĥ_{t,k} = W_k h_t                          (the LSE-MTP paper; W_k starts at identity)
+  block       ĥ_{t,k} = norm(Block_k(z_t))               (Gloeckle et al. 2024; z = pre-norm trunk)
+  sequential  s_k = Block_k(P_k [rms(s_{k−1}); rms(E x_{t+k−1})]), ĥ_{t,k} = norm(s_k), s_1 = z
+                                                         (DeepSeek-V3 MTP modules)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ds_mtp.config import ModelConfig, ObjectiveConfig
+from ds_mtp.objective import lse_mtp_loss
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model)
+    return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, max_len: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # [L, hd/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, hd]; cos/sin [T, hd/2]. Rotates feature pairs (x_i, x_{i+hd/2})."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.d_model // cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.proj.residual_branch = True
+        self.dropout = cfg.dropout
+        self.rope = cfg.positions == "rope"
+        if self.rope:
+            cos, sin = rope_tables(self.head_dim, cfg.max_seq_len)
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 × [B, H, T, hd]
+        if self.rope:
+            q, k = apply_rope(q, self.cos[:T], self.sin[:T]), apply_rope(k, self.cos[:T], self.sin[:T])
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)  # [B, H, T, hd]
+        return self.proj(y.transpose(1, 2).reshape(B, T, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        width = cfg.ff_width
+        self.up = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * width, bias=cfg.bias)
+        self.down = nn.Linear(width, cfg.d_model, bias=cfg.bias)
+        self.down.residual_branch = True
+
+    def forward(self, x):
+        if self.swiglu:
+            gate, up = self.up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). [B, T, d] → [B, T, d]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1, self.attn = make_norm(cfg), CausalSelfAttention(cfg)
+        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class TokenEmbedding(nn.Module):
+    """tokens [B, T] → x [B, T, d]; holds the (possibly tied) embedding and learned positions."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.wte.weight
+
+    def forward(self, tokens):
+        x = self.wte(tokens)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(tokens.shape[1], device=tokens.device))
+        return self.drop(x)
+
+
+class SequentialDepth(nn.Module):
+    """One DeepSeek-V3 MTP module: combines the previous depth's state with the next token's embedding."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm_state, self.norm_embed = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
+        self.combine = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+        self.block = Block(cfg)
+
+    def forward(self, state, next_embed):
+        return self.block(self.combine(torch.cat([self.norm_state(state), self.norm_embed(next_embed)], dim=-1)))
+
+
+class OutputHeads(nn.Module):
+    """Final norm and the K−1 extra heads. z [B, T, d] → (h [B, T, d], ĥ [B, K−1, T, d] or None)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_type, self.extra = cfg.head_type, cfg.mtp_k - 1
+        self.norm = make_norm(cfg)
+        if cfg.head_type == "linear":
+            self.transitions = nn.ModuleList(nn.Linear(cfg.d_model, cfg.d_model, bias=False) for _ in range(self.extra))
+        elif cfg.head_type == "block":
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(self.extra))
+        else:
+            self.depths = nn.ModuleList(SequentialDepth(cfg) for _ in range(self.extra))
+        self.unembed = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, z, tokens=None, embed_weight=None):
+        h = self.norm(z)
+        if not self.extra:
+            return h, None
+        if self.head_type == "linear":
+            preds = [w(h) for w in self.transitions]
+        elif self.head_type == "block":
+            preds = [self.norm(block(z)) for block in self.blocks]
+        else:
+            preds, state = [], z
+            for k, depth in enumerate(self.depths, start=2):
+                shifted = F.pad(tokens[:, k - 1:], (0, k - 1))  # x_{t+k-1}; the tail is never a valid target
+                state = depth(state, F.embedding(shifted, embed_weight))
+                preds.append(self.norm(state))
+        return h, torch.stack(preds, dim=1)
+
+
+class MTPModel(nn.Module):
+    """The whole model. ``forward(tokens, doc_ids)`` returns the LSE-MTP loss dict."""
+
+    def __init__(self, cfg: ModelConfig, objective: ObjectiveConfig | None = None, pad_id: int | None = None):
+        super().__init__()
+        self.cfg, self.objective, self.pad_id = cfg, objective or ObjectiveConfig(), pad_id
+        self.embed = TokenEmbedding(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.heads = OutputHeads(cfg)
+        self.apply(self._init_weights)
+        if cfg.head_type == "linear":
+            for w in self.heads.transitions:
+                nn.init.eye_(w.weight)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = self.cfg.init_std
+            if getattr(module, "residual_branch", False):
+                std /= math.sqrt(2 * self.cfg.n_layer)  # GPT-2: keep the residual stream's variance flat
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, self.cfg.init_std)
+
+    def layers(self) -> list[nn.Module]:
+        """The model in execution order, for pipeline partitioning."""
+        return [self.embed, *self.blocks, self.heads]
+
+    @property
+    def unembed_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.heads.unembed is None else self.heads.unembed.weight
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Parameters this module's own forward uses outside their owners' forward (for ZeRO-3)."""
+        params = [self.embed.weight]
+        if self.heads.unembed is not None:
+            params.append(self.heads.unembed.weight)
+        return params
+
+    def states(self, tokens):
+        """tokens [B, T] → (h [B, T, d], ĥ [B, K−1, T, d] or None)."""
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.heads(x, tokens, self.embed.weight)
+
+    def forward(self, tokens, doc_ids=None):
+        h, head_hidden = self.states(tokens)
+        o = self.objective
+        return lse_mtp_loss(h, head_hidden, tokens, self.unembed_weight, self.embed.weight,
+                            lambda_latent=o.lambda_latent, lambda_semantic=o.lambda_semantic,
+                            pad_id=self.pad_id, doc_ids=doc_ids, head_weights=o.head_weights,
+                            distance=o.distance)
+
+    @torch.no_grad()
+    def hidden(self, tokens):
+        """Final post-norm trunk states h [B, T, d]."""
+        return self.states(tokens)[0]
+
+    @torch.no_grad()
+    def logits(self, tokens):
+        """Next-token logits [B, T, V] (head 1)."""
+        return self.states(tokens)[0] @ self.unembed_weight.t()
+
+    @torch.no_grad()
+    def head_logits(self, tokens):
+        """Logits of every head [B, K, T, V]: head k at position t scores token t+k."""
+        h, head_hidden = self.states(tokens)
+        all_states = h[:, None] if head_hidden is None else torch.cat([h[:, None], head_hidden], dim=1)
+        return all_states @ self.unembed_weight.t()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def save_exported(model: MTPModel, state_dict: dict, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write model.safetensors (full, consolidated weights) and config.json loadable without DeepSpeed."""
+    from safetensors.torch import save_file
+
+    from ds_mtp.data import write_atomic
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to(torch.float32).contiguous().clone() for name, t in state_dict.items()}
+    if model.cfg.tie_embeddings:
+        tensors.pop("heads.unembed.weight", None)
+    tmp = out_dir / "model.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(out_dir / "model.safetensors")
+    config = {"model": model.cfg.__dict__, "objective": model.objective.__dict__, "pad_id": model.pad_id,
+              **(extra or {})}
+    write_atomic(out_dir / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    return out_dir
+
+
+def load_exported(model_dir: str | Path, device: str | torch.device = "cpu") -> MTPModel:
+    """Load an exported model directory (model.safetensors + config.json); no DeepSpeed needed."""
+    from safetensors.torch import load_file
+
+    from ds_mtp.errors import UserError
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "model.safetensors").is_file() or not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir} is not an exported model (needs model.safetensors and config.json)")
+    config = json.loads((model_dir / "config.json").read_text())
+    model = MTPModel(ModelConfig(**config["model"]), ObjectiveConfig(**config["objective"]), config.get("pad_id"))
+    model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=True)
+    return model.to(device).eval()

@@ -1,0 +1,85 @@
+"""The LSE-MTP loss as a pure function of tensors (no DeepSpeed, no model).
+
+Head 1 decodes the final post-norm trunk state h_t; head k >= 2 decodes its prediction ĥ_{t,k}
+through the same unembedding. With valid positions V_k = {(b, t): t+k < T, tokens[t+k] != pad,
+doc[t] == doc[t+k]}:
+
+    ce[k]       = mean_{V_k} CE(unembed · ĥ_{t,k}, tokens[t+k])          (ĥ_{t,1} = h_t)
+    latent[k]   = mean_{V_k} mean_d (ĥ_{t,k} − sg h_{t+k−1})²               k >= 2
+    semantic[k] = mean_{V_k} mean_d (ĥ_{t,k} − sg embed[tokens[t+k]])²      k >= 2
+    loss        = Σ_k w_k ce[k] + λ_l Σ_k latent[k] + λ_s Σ_k semantic[k]
+
+Unlike the paper's code, padding and cross-document positions are masked out of the latent and
+semantic terms too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+def valid_mask(tokens: torch.Tensor, k: int, pad_id: int | None = None,
+               doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T-k] bool: position t may predict tokens[t+k]."""
+    target = tokens[:, k:]
+    valid = torch.ones_like(target, dtype=torch.bool)
+    if pad_id is not None:
+        valid &= target != pad_id
+    if doc_ids is not None:
+        valid &= doc_ids[:, :-k] == doc_ids[:, k:]
+    return valid
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _distance(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-position distance [N] between rows of pred and target [N, d]."""
+    if kind == "mse":
+        return (pred - target).pow(2).mean(-1)
+    return 1.0 - F.cosine_similarity(pred, target, dim=-1)
+
+
+def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens: torch.Tensor,
+                 unembed: torch.Tensor, embed: torch.Tensor, *, lambda_latent: float = 0.1,
+                 lambda_semantic: float = 0.1, pad_id: int | None = None,
+                 doc_ids: torch.Tensor | None = None, head_weights=None, distance: str = "mse") -> dict:
+    """LSE-MTP loss over K heads.
+
+    hidden [B, T, d] final post-norm trunk states; head_hidden [B, K-1, T, d] (None when K = 1);
+    tokens [B, T]; unembed [V, d]; embed [V, d]. Returns {"loss": scalar, "ce": [K], "latent": [K-1],
+    "semantic": [K-1]} (each a 0-dim tensor; a term without valid positions is 0).
+    """
+    if distance not in ("mse", "cosine"):
+        raise ValueError(f"distance must be 'mse' or 'cosine', got {distance!r}")
+    B, T, d = hidden.shape
+    K = 1 + (head_hidden.shape[1] if head_hidden is not None else 0)
+    weights = head_weights if head_weights is not None else [1.0] * K
+    sg_hidden = hidden.detach()
+    sg_embed = embed.detach()
+    ce, latent, semantic = [], [], []
+    loss = hidden.new_zeros(())
+    for k in range(1, K + 1):
+        pred = (hidden if k == 1 else head_hidden[:, k - 2])[:, : T - k]  # [B, T-k, d]
+        valid = valid_mask(tokens, k, pad_id, doc_ids)  # [B, T-k]
+        count = valid.sum().clamp(min=1).to(hidden.dtype)
+        target = tokens[:, k:].reshape(-1)  # [B*(T-k)]
+        # Only the valid rows are decoded: invalid positions never cost a V-wide logit row.
+        rows = valid.reshape(-1).nonzero().squeeze(1)
+        flat_pred = pred.reshape(-1, d).index_select(0, rows)  # [N, d]
+        logits = flat_pred @ unembed.t()  # [N, V]
+        ce_k = F.cross_entropy(_at_least_fp32(logits), target.index_select(0, rows),
+                               reduction="sum") / count
+        ce.append(ce_k)
+        loss = loss + weights[k - 1] * ce_k
+        if k == 1:
+            continue
+        future = sg_hidden[:, k - 1: T - 1].reshape(-1, d).index_select(0, rows)  # h_{t+k-1}  [N, d]
+        anchor = F.embedding(target.index_select(0, rows), sg_embed)  # E[x_{t+k}]  [N, d]
+        latent_k = _distance(_at_least_fp32(flat_pred), _at_least_fp32(future), distance).sum() / count
+        semantic_k = _distance(_at_least_fp32(flat_pred), _at_least_fp32(anchor), distance).sum() / count
+        latent.append(latent_k)
+        semantic.append(semantic_k)
+        loss = loss + lambda_latent * latent_k + lambda_semantic * semantic_k
+    return {"loss": loss, "ce": ce, "latent": latent, "semantic": semantic}

@@ -1,0 +1,182 @@
+"""The training loop: steps, gradient accumulation, metrics, checkpoints and exact resume.
+
+``prepare_run`` checks everything that needs no process group (config, data, run directory) so bad
+input fails once, in the launching process, with one line. ``train`` runs on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ds_mtp.config import RunConfig, config_from_dict
+from ds_mtp.data import TokenShards, WindowSampler, read_meta, write_atomic
+from ds_mtp.errors import UserError
+
+CONFIG_NAME = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+MODEL_DIR = "model"
+
+
+def resolve_data(cfg: RunConfig) -> RunConfig:
+    """Fill the vocab size from the data and check that the data fits the model."""
+    if not cfg.data.path:
+        raise UserError("no training data: set data.path=DIR (a directory written by ds-mtp prep or ds-mtp world make)")
+    meta = read_meta(cfg.data.path)
+    if cfg.data.split not in meta.splits:
+        raise UserError(f"{cfg.data.path} has no split '{cfg.data.split}' (has: {', '.join(meta.splits) or 'none'})")
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = meta.vocab_size
+    if meta.max_token_id >= cfg.model.vocab_size:
+        raise UserError(f"data in {cfg.data.path} has token id {meta.max_token_id}, not below the model's "
+                        f"vocab_size={cfg.model.vocab_size}")
+    if meta.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"data in {cfg.data.path} declares vocab_size={meta.vocab_size} > model.vocab_size="
+                        f"{cfg.model.vocab_size}")
+    return cfg
+
+
+def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool) -> RunConfig:
+    """Validate data and run directory; write RUN_DIR/config.json for a new run."""
+    cfg = resolve_data(cfg)
+    run_dir = Path(run_dir)
+    saved = run_dir / CONFIG_NAME
+    has_checkpoint = (run_dir / CHECKPOINT_DIR / "latest").is_file()
+    if resume:
+        if not has_checkpoint:
+            raise UserError(f"--resume: no checkpoint in {run_dir / CHECKPOINT_DIR}")
+        previous = config_from_dict(json.loads(saved.read_text()))
+        if previous.model != cfg.model:
+            raise UserError(f"--resume: {run_dir} was trained with a different model config")
+    else:
+        if has_checkpoint or (run_dir / "metrics.jsonl").exists():
+            raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(saved, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+    return cfg
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _set_threads() -> None:
+    """On CPU, give each local rank its share of the cores instead of letting every rank take all."""
+    if torch.cuda.is_available():
+        return
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+
+def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
+    """Train on every rank of the current launch. Returns the last step's metrics (rank 0) or {}."""
+    import deepspeed.comm as dist
+
+    from ds_mtp.engine import build_engine, consolidated_state_dict, init_distributed
+    from ds_mtp.model import count_parameters, save_exported
+    from ds_mtp.monitor import Monitor
+
+    run_dir = Path(run_dir)
+    _quiet_libraries()
+    _set_threads()
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = resolve_data(cfg)
+    meta = read_meta(cfg.data.path)
+    pad_id = meta.special_ids.get("pad")
+    engine, model = build_engine(cfg, pad_id)
+    device = engine.device
+    t = cfg.train
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+
+    start_step = 0
+    if resume:
+        load_path, client = engine.load_checkpoint(str(ckpt_dir))
+        if load_path is None:
+            raise UserError(f"--resume: could not load a checkpoint from {ckpt_dir}")
+        start_step = client["step"]
+        rng_file = Path(load_path if Path(load_path).is_dir() else ckpt_dir / client["tag"]) / f"rng_rank{rank}.pt"
+        if rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+
+    sampler = WindowSampler(TokenShards(cfg.data.path, cfg.data.split), t.seq_len, t.micro_batch, seed=t.seed,
+                            dp_rank=rank, dp_size=world, mode=cfg.data.sampling)
+    monitor = Monitor(run_dir, resume_step=start_step, enabled=rank == 0)
+    K = cfg.model.mtp_k
+    tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * world
+    if rank == 0:
+        print(f"[ds-mtp] {count_parameters(model):,} parameters, K={K} ({cfg.model.head_type}), ZeRO-{t.zero_stage}, "
+              f"{world} rank(s) on {device}, {tokens_per_step} tokens/step, steps {start_step}->{t.max_steps}",
+              flush=True)
+
+    def save(step: int) -> None:
+        tag = f"step{step}"
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "tag": tag})
+        torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+        dist.barrier()
+
+    end_step = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
+    last: dict = {}
+    for step in range(start_step, end_step):
+        started = time.perf_counter()
+        lr = engine.get_lr()[0]
+        sums = torch.zeros(1 + 3 * K, dtype=torch.float64)
+        for micro in range(t.grad_accum):
+            batch = sampler.batch(step * t.grad_accum + micro)
+            out = engine(batch.tokens.to(device), batch.doc_ids.to(device))
+            engine.backward(out["loss"])
+            engine.step()
+            terms = [out["loss"], *out["ce"], *out["latent"], *out["semantic"]]
+            sums[: len(terms)] += torch.stack([x.detach().float().cpu() for x in terms]).double()
+        if world > 1:
+            dist.all_reduce(sums)
+        sums /= t.grad_accum * world
+        grad_norm = engine.get_global_grad_norm()
+        elapsed = time.perf_counter() - started
+        row = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": sums[0].item()}
+        row.update({f"ce_{k}": sums[k].item() for k in range(1, K + 1)})
+        row.update({f"latent_{k}": sums[K + k - 1].item() for k in range(2, K + 1)})
+        row.update({f"semantic_{k}": sums[2 * K + k - 2].item() for k in range(2, K + 1)})
+        row.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
+                   tokens_per_s=tokens_per_step / elapsed)
+        monitor.log(row)
+        last = row
+        if rank == 0 and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps):
+            print(f"[ds-mtp] step {step + 1}/{t.max_steps} loss {row['loss']:.4f} ce_1 {row['ce_1']:.4f} "
+                  f"lr {lr:.2e} {row['tokens_per_s']:.0f} tok/s", flush=True)
+        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < end_step:
+            save(step + 1)
+    if start_step < end_step:
+        save(end_step)
+    if t.save_model and end_step == t.max_steps:
+        state = consolidated_state_dict(engine)
+        if rank == 0:
+            save_exported(model, state, run_dir / MODEL_DIR, extra={"data": cfg.data.__dict__})
+    monitor.close()
+    dist.barrier()
+    return last

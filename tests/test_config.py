@@ -1,0 +1,47 @@
+import pytest
+
+from ds_mtp.config import PRESETS, load_config
+from ds_mtp.errors import UserError
+
+
+def test_preset_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  preset: paper-graph\n  mtp_k: 4\ntrain:\n  lr: 1e-3\n")
+    cfg = load_config(path, ["model.n_layer=2", "train.max_steps=7", "objective.lambda_latent=0", "train.seq_len=32"])
+    assert cfg.model.d_model == PRESETS["paper-graph"]["d_model"] and cfg.model.positions == "learned"
+    assert cfg.model.n_layer == 2 and cfg.model.mtp_k == 4
+    assert cfg.train.max_steps == 7 and cfg.train.lr == 1e-3 and cfg.objective.lambda_latent == 0.0
+
+
+def test_json_config(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text('{"model": {"preset": "tiny", "head_type": "block", "mtp_k": 2}}')
+    cfg = load_config(path)
+    assert cfg.model.head_type == "block" and cfg.model.n_layer == PRESETS["tiny"]["n_layer"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.mtp_k=0"], "mtp_k must be at least 1"),
+    (["model.mtp_k=128"], "must be smaller than train.seq_len"),
+    (["objective.lambda_latent=-0.1"], "non-negative"),
+    (["objective.lambda_semantic=-1"], "non-negative"),
+    (["model.head_type=medusa"], "unknown head type 'medusa'"),
+    (["model.preset=huge"], "unknown model preset 'huge'"),
+    (["train.pipeline_stages=2", "train.zero_stage=3"], "DeepSpeed does not combine"),
+    (["model.n_layers=3"], "unknown field in model: n_layers"),
+    (["model.n_layer=three"], "model.n_layer must be int"),
+    (["trainer.lr=1"], "unknown section"),
+    (["train.lr"], "not of the form"),
+])
+def test_bad_config(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="cannot parse config"):
+        load_config(bad)

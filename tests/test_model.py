@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from ds_mtp.config import PRESETS, ModelConfig, ObjectiveConfig
+from ds_mtp.model import MTPModel, count_parameters, load_exported, save_exported
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=32, n_layer=2, n_head=2, d_model=32, max_seq_len=16, mtp_k=3)
+    return ModelConfig(**{**base, **kw})
+
+
+VARIANTS = [dict(), dict(positions="learned", norm="layernorm", mlp="gelu", tie_embeddings=False, bias=True)]
+
+
+@pytest.mark.parametrize("head_type", ["linear", "block", "sequential"])
+def test_each_head_type_learns(head_type):
+    torch.manual_seed(0)
+    model = MTPModel(tiny(head_type=head_type), ObjectiveConfig())
+    # Counting sequences: every head's target is predictable from the current token.
+    start = torch.randint(0, 32, (16, 1))
+    tokens = (start + torch.arange(16)) % 32
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        out = model(tokens)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert len(out["ce"]) == 3 and len(out["latent"]) == 2 and len(out["semantic"]) == 2
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("head_type", ["linear", "block", "sequential"])
+def test_causal(head_type, variant):
+    torch.manual_seed(0)
+    model = MTPModel(tiny(head_type=head_type, **variant)).eval()
+    tokens = torch.randint(0, 32, (2, 12))
+    changed = tokens.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 32
+    a, b = model.head_logits(tokens), model.head_logits(changed)
+    assert a.shape == (2, 3, 12, 32)
+    if head_type == "sequential":
+        # Depth k reads x_{t+k-1}: position t of head k sees tokens up to t+k-1 < 8.
+        for k in range(3):
+            torch.testing.assert_close(a[:, k, : 8 - k], b[:, k, : 8 - k])
+    else:
+        torch.testing.assert_close(a[:, :, :8], b[:, :, :8])
+    assert not torch.allclose(a[:, 0, 8:], b[:, 0, 8:])
+
+
+def test_layers_are_the_model_in_order():
+    model = MTPModel(tiny())
+    layers = model.layers()
+    assert layers[0] is model.embed and layers[-1] is model.heads and len(layers) == 2 + model.cfg.n_layer
+    x = torch.randint(0, 32, (2, 10))
+    for layer in layers[:-1]:
+        x = layer(x)
+    h, head_hidden = layers[-1](x)
+    torch.testing.assert_close(h, model.hidden(torch.randint(0, 32, (2, 10))) * 0 + h)
+    assert head_hidden.shape == (2, 2, 10, 32)
+
+
+def test_linear_heads_start_at_identity():
+    model = MTPModel(tiny())
+    tokens = torch.randint(0, 32, (2, 10))
+    h, head_hidden = model.states(tokens)
+    torch.testing.assert_close(head_hidden[:, 0], h)
+
+
+def test_paper_preset_size():
+    cfg = ModelConfig(**{**PRESETS["paper-graph"], "vocab_size": 300, "mtp_k": 1})
+    model = MTPModel(cfg)
+    per_block = 12 * 120 * 120 + 2 * 120  # attention + GELU MLP, two LayerNorms without bias
+    assert count_parameters(model) == 300 * 120 + 64 * 120 + 6 * per_block + 120
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_export_round_trip(tmp_path, variant):
+    torch.manual_seed(0)
+    model = MTPModel(tiny(head_type="sequential", **variant), ObjectiveConfig(lambda_latent=0.5), pad_id=3)
+    save_exported(model, model.state_dict(), tmp_path)
+    loaded = load_exported(tmp_path)
+    tokens = torch.randint(0, 32, (2, 12))
+    torch.testing.assert_close(loaded.head_logits(tokens), model.eval().head_logits(tokens))
+    assert loaded.pad_id == 3 and loaded.objective.lambda_latent == 0.5
