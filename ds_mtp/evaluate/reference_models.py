@@ -31,6 +31,7 @@ class _StateTracker:
         self.n = world.graph.num_nodes
         self.V = world.vocab_size
         self.device = torch.device("cpu")
+        self._cache: dict[int, dict[tuple, list[int]]] = {}
 
     def states(self, tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """[B, T] current node and destination after each prefix (-1: no state: prompt or broken)."""
@@ -39,17 +40,35 @@ class _StateTracker:
         current = np.full((B, T), -1, dtype=np.int64)
         target = np.full((B, T), -1, dtype=np.int64)
         for b in range(B):
-            row = toks[b]
-            if T < 2 or row[0] >= self.n or row[1] >= self.n:
-                continue
-            node, goal = int(row[0]), int(row[1])
-            current[b, 1], target[b, 1] = node, goal
-            for t in range(2, T):
-                node = self.tok.step(node, int(row[t])) if self.tok.is_move_token(int(row[t])) else None
-                if node is None:
-                    break
-                current[b, t], target[b, t] = node, goal
+            nodes = self._row_states(tuple(toks[b].tolist()))
+            current[b] = nodes
+            if T >= 2:
+                target[b] = np.where(np.asarray(nodes) >= 0, toks[b, 1], -1)
         return current, target
+
+    def _row_states(self, row: tuple) -> list[int]:
+        # decoding extends each row by one token per call: reuse the states of the row minus its
+        # last token, cached from the previous call (only the two latest lengths are kept)
+        T = len(row)
+        for length in [k for k in self._cache if k < T - 1 or k > T]:
+            del self._cache[length]
+        previous = self._cache.get(T - 1, {}).get(row[:-1])
+        if previous is not None:
+            node, tok = previous[-1], row[-1]
+            nxt = self.tok.step(node, tok) if node >= 0 and self.tok.is_move_token(tok) else None
+            states = previous + [-1 if nxt is None else nxt]
+        else:
+            states = [-1] * T
+            if T >= 2 and row[0] < self.n and row[1] < self.n:
+                node = row[0]
+                states[1] = node
+                for t in range(2, T):
+                    node = self.tok.step(node, row[t]) if self.tok.is_move_token(row[t]) else None
+                    if node is None:
+                        break
+                    states[t] = node
+        self._cache.setdefault(T, {})[row] = states
+        return states
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         current, target = self.states(tokens)
