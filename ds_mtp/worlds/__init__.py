@@ -181,5 +181,7 @@ def load_world(out_dir: str | Path) -> World:
 
 
 
-__all__ = ["World", "Graph", "make_world", "load_world", "build_graph", "usg", "er",
+from ds_mtp.worlds.check import check_sequences  # noqa: E402  (check needs graphs and tokenize only)
+
+__all__ = ["World", "Graph", "make_world", "load_world", "build_graph", "check_sequences", "usg", "er",
            "from_edges_file", "DATASETS", "FORMATS"]
