@@ -36,6 +36,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from ds_mtp.reproduce import parse_methods, reproduce
+
+    reproduce(args.world, parse_methods(args.methods), args.seeds, args.scale, args.out, k=args.k, nproc=args.nproc,
+              resume=args.resume, overrides=args.overrides, world_seed=args.world_seed,
+              command="ds-mtp " + " ".join(sys.argv[1:]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ds-mtp", description="LSE-MTP pretraining on DeepSpeed")
     # The deepspeed launcher passes --local_rank=N to each rank (the rank is also in LOCAL_RANK).
@@ -56,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=2, help="ranks per training run")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("reproduce", help="train NTP / MTP / LSE-MTP over seeds on a world, evaluate, report mean ± 95% CI")
+    p.add_argument("--world", required=True, help="usg, er, manhattan, edges:PATH, or a world directory")
+    p.add_argument("--methods", default="ntp,mtp,lse-mtp", help="comma-separated subset of ntp,mtp,lse-mtp")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method")
+    p.add_argument("--scale", default="cpu", help="cpu (2 CPU cores, usg x 3 seeds in 30 min) or paper (GPU)")
+    p.add_argument("--out", required=True, help="output directory (report.md, results.json, plots/, runs/)")
+    p.add_argument("--k", type=int, default=4, help="heads K of MTP and LSE-MTP")
+    p.add_argument("--nproc", type=int, default=0, help="ranks per training run (0 = the scale's default)")
+    p.add_argument("--world-seed", type=int, default=0, help="seed of the world's graph and dataset")
+    p.add_argument("--resume", action="store_true", help="continue OUT: skip complete runs, finish the others")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides for every training run")
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 
