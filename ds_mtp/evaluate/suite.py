@@ -193,3 +193,44 @@ def format_table(results: dict) -> str:
         text = f"{value:.3g}" if abs(value) < 1e-3 and value != 0 else f"{value:.4f}"
         rows.append(f"| {name} | {text} |")
     return "\n".join(rows)
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """An exported model directory, or a training run directory holding one in ``model/``."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model directory not found: {path}")
+    if not (path / "model.safetensors").is_file() and (path / "model" / "model.safetensors").is_file():
+        return path / "model"
+    return path
+
+
+def run_eval(model_dir: str | Path, world_dir: str | Path, out: str | Path | None = None,
+             metrics: list[str] | None = None, scale: dict | str = "default", seed: int = 0,
+             device: str = "cpu") -> dict:
+    """``ds-mtp eval``: load an exported model and a world, evaluate, write the JSON results atomically."""
+    import json
+
+    from ds_mtp.data import write_atomic
+    from ds_mtp.model import load_exported
+    from ds_mtp.worlds import load_world
+
+    world = load_world(world_dir)
+    names = resolve_metrics(metrics)
+    sc = resolve_scale(scale)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA device is available")
+    model = load_exported(resolve_model_dir(model_dir), device=device)
+    if model.cfg.vocab_size != world.vocab_size:
+        raise UserError(f"the model's vocabulary ({model.cfg.vocab_size} tokens) does not match the world's "
+                        f"({world.vocab_size}): was it trained on {world_dir}?")
+    results = evaluate_all(model, world, sc, seed, names)
+    results["model_dir"] = str(model_dir)
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, (json.dumps(results, indent=2, allow_nan=False) + "\n").encode())
+    return results
