@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from ds_mtp.cli import main
+from ds_mtp.evaluate.suite import QUICK_SCALE
 from ds_mtp.reproduce import (FINDINGS, Scale, check_finding, mean_ci, reproduce, run_state, summarize,
                               t_critical)
 from ds_mtp.worlds import make_world
@@ -12,7 +13,8 @@ from ds_mtp.worlds import make_world
 # A few steps of the tiny model: enough to exercise every stage, not to learn the world.
 TINY = Scale("tiny", ["model.preset=tiny", "model.n_layer=1", "model.d_model=32", "train.max_steps=4",
                       "train.lr=3e-3", "train.log_every=2"],
-             eval_scale={"pairs": 12}, global_batch=8, nproc=1, description="test scale")
+             eval_scale={**QUICK_SCALE, "path_pairs": 12, "isp_triples": 50, "belief_trials": 10, "probe_epochs": 5},
+             global_batch=8, nproc=1, description="test scale")
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +73,15 @@ def test_reproduce_report_plots_and_resume(tmp_path, tiny_world, capsys):
     assert all((out / "runs" / f"{m}-seed{s}" / "tensorboard").is_dir() for m in ("ntp", "lse-mtp") for s in (0, 1))
     assert len(result.runs) == 4
 
-    # Resume: one run lost entirely, one interrupted after its checkpoint, one trained but not evaluated.
+    # Resume: one run with a torn start (no checkpoint), one interrupted after its checkpoint, one trained but
+    # not evaluated, one complete.
     lost, interrupted, unevaluated, kept = (out / "runs" / n for n in
                                             ("ntp-seed1", "lse-mtp-seed1", "ntp-seed0", "lse-mtp-seed0"))
     import shutil
 
-    shutil.rmtree(lost)
+    for item in lost.iterdir():
+        if item.name != "metrics.jsonl":
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
     shutil.rmtree(interrupted / "model")
     (interrupted / "eval.json").unlink()
     (unevaluated / "eval.json").unlink()
