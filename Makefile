@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo reproduce test test-fast clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/ds-mtp demo --run-dir runs/demo
+
+reproduce: $(STAMP)
+	$(BIN)/ds-mtp reproduce --world usg --seeds 3 --scale cpu --out runs/reproduce-usg --resume
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra

@@ -39,9 +39,12 @@ def cmd_demo(args) -> int:
 def cmd_reproduce(args) -> int:
     from ds_mtp.reproduce import parse_methods, reproduce
 
+    command = (f"ds-mtp reproduce --world {args.world} --methods {args.methods} --seeds {args.seeds} --scale "
+               f"{args.scale} --out {args.out} --k {args.k} --world-seed {args.world_seed}"
+               + (f" --nproc {args.nproc}" if args.nproc else "") + (" --resume" if args.resume else "")
+               + "".join(f" {o}" for o in args.overrides))
     reproduce(args.world, parse_methods(args.methods), args.seeds, args.scale, args.out, k=args.k, nproc=args.nproc,
-              resume=args.resume, overrides=args.overrides, world_seed=args.world_seed,
-              command="ds-mtp " + " ".join(sys.argv[1:]))
+              resume=args.resume, overrides=args.overrides, world_seed=args.world_seed, command=command)
     return 0
 
 

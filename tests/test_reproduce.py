@@ -46,6 +46,8 @@ def test_summary_and_findings():
     assert "**holds**" in line and "overlap" in line  # two seeds: t = 12.7 makes wide intervals
     summary["ntp"]["isp"]["mean"] = 8.0
     assert "**does not hold**" in check_finding(isp, summary)
+    one_seed = summarize(runs[::2], ["ntp", "mtp", "lse-mtp"])
+    assert "no confidence interval" in check_finding(isp, one_seed)
     sg = next(f for f in FINDINGS if "Structure" in f.text)
     assert "not tested" in check_finding(sg, summary)
 
