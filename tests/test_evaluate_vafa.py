@@ -8,7 +8,8 @@ import torch
 
 from ds_mtp.evaluate.common import WorldIndex, suffix_valid, walk_nodes
 from ds_mtp.evaluate.reference_models import LegalUniformOracle, ShortestPathOracle, UniformModel
-from ds_mtp.evaluate.vafa import (compression_precision, detour_robustness, distinction, sample_suffixes,
+from ds_mtp.evaluate.vafa import (compression_precision, detour_robustness, distinction, sample_continuations,
+                                  sample_suffixes,
                                   state_probe, true_boundary)
 from ds_mtp.worlds import World, load_world, make_world
 from ds_mtp.worlds.graphs import Graph
@@ -135,3 +136,22 @@ def test_probe_reads_the_node_from_a_one_hot_state_only(usg_world):
     # the uniform model's state is the embedding of the last token: an increment does not name the node
     noisy = state_probe(UniformModel(usg_world.vocab_size), usg_world, num_sequences=80, epochs=30)
     assert noisy["accuracy"] < 0.6
+
+
+def test_continuations_of_prefixes_of_different_lengths_are_decoded_together(usg_world):
+    # the shortest-path oracle is deterministic: each continuation is the rest of a shortest path
+    index, tok = WorldIndex(usg_world), usg_world.tokenizer
+    rng = np.random.default_rng(4)
+    prefixes = [p for u, g in usg_world.heldout_pairs[:40] for p in [index.backward_prefix(u, g, 1 + u % 4, rng)]
+                if p is not None]
+    assert len({len(p) for p in prefixes}) > 2
+    gen = torch.Generator().manual_seed(0)
+    conts = sample_continuations(ShortestPathOracle(usg_world), prefixes, usg_world, 40, 0.01, gen, batch_size=7)
+    for prefix, cont in zip(prefixes, conts):
+        node, goal = walk_nodes(tok, prefix)[-1], prefix[1]
+        assert suffix_valid(tok, node, goal, cont) and cont[-1] == tok.eos_id
+        assert len(cont) == usg_world.graph.distances_to(goal)[node] + 1
+    # rows that hit the length limit stop there
+    short = sample_continuations(UniformModel(usg_world.vocab_size), prefixes, usg_world, 9, 0.5, gen)
+    assert all(len(p) + len(c) <= 9 for p, c in zip(prefixes, short))
+    assert any(len(p) + len(c) == 9 for p, c in zip(prefixes, short))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ds_mtp.evaluate import model_device
-from ds_mtp.evaluate.common import (WorldIndex, argmax_tokens, heldout_sequences, hidden_at, is_legal, last_probs,
+from ds_mtp.evaluate.common import (MAX_LOGITS_PER_BATCH, WorldIndex, argmax_tokens, heldout_sequences, hidden_at, is_legal, last_probs,
                                     pad, suffix_valid, token_probs, walk_nodes)
 
 DETOUR_TYPES = ("random_valid", "least_likely", "second_most_likely")
@@ -73,20 +73,21 @@ def state_probe(model, world, num_sequences: int = 2000, seed: int = 0, max_len:
         ps = [t for t in range(1, len(seq)) if nodes[t] >= 0]
         positions.append(ps)
         labels.extend(nodes[t] for t in ps)
-    X = torch.from_numpy(hidden_at(model, seqs, positions, world, batch_size))
-    y = torch.tensor(labels, dtype=torch.long)
+    device = model_device(model)  # the probe trains where the model runs (a GPU for Manhattan-sized worlds)
+    X = torch.from_numpy(hidden_at(model, seqs, positions, world, batch_size)).to(device)
+    y = torch.tensor(labels, dtype=torch.long, device=device)
     if len(y) < 5:
         return {"accuracy": None, "states": len(y), "sequences": len(seqs)}
     order = np.random.default_rng([seed, 19]).permutation(len(y))
     cut = int(0.8 * len(y))
-    train, test = torch.from_numpy(order[:cut]), torch.from_numpy(order[cut:])
+    train, test = torch.from_numpy(order[:cut]).to(device), torch.from_numpy(order[cut:]).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        probe = torch.nn.Linear(X.shape[1], world.graph.num_nodes)
+        probe = torch.nn.Linear(X.shape[1], world.graph.num_nodes).to(device)
         opt = torch.optim.Adam(probe.parameters(), lr=lr)
         # at least MIN_PROBE_STEPS updates: on few states, a few epochs leave even a perfect code unfit
         for _ in range(max(epochs, -(-MIN_PROBE_STEPS // -(-len(train) // 2048)))):
-            perm = train[torch.randperm(len(train))]
+            perm = train[torch.randperm(len(train)).to(device)]
             for i in range(0, len(perm), 2048):
                 batch = perm[i:i + 2048]
                 loss = torch.nn.functional.cross_entropy(probe(X[batch]), y[batch])
@@ -101,36 +102,55 @@ def state_probe(model, world, num_sequences: int = 2000, seed: int = 0, max_len:
 
 
 @torch.no_grad()
+def sample_continuations(model, prefixes: list[list[int]], world, max_len: int, epsilon: float,
+                         generator: torch.Generator, batch_size: int = 256) -> list[list[int]]:
+    """One continuation per prefix, sampled at temperature 1 with an epsilon cutoff (tokens below
+    ``epsilon`` are dropped unless they tie the most likely one, as in Hugging Face's
+    ``epsilon_cutoff``), each until end-of-sequence (included) or until prefix + continuation
+    reach ``max_len`` tokens. Prefixes of any lengths are decoded together, right-padded."""
+    tok, device = world.tokenizer, model_device(model)
+    out: list[list[int]] = []
+    rows = max(1, min(batch_size, MAX_LOGITS_PER_BATCH // max(1, max_len * world.vocab_size)))
+    for start in range(0, len(prefixes), rows):
+        chunk = prefixes[start:start + rows]
+        tokens = pad(chunk, max_len, tok.pad_id, "cpu")
+        length = torch.tensor([len(p) for p in chunk])
+        live = length < max_len
+        suffixes: list[list[int]] = [[] for _ in chunk]
+        while live.any():
+            width = int(length[live].max())
+            logits = model.logits(tokens[:, :width].to(device))
+            last = logits[torch.arange(len(chunk), device=logits.device), (length - 1).clamp(max=width - 1).to(
+                logits.device)]
+            probs = torch.softmax(last.float(), dim=-1).cpu()
+            keep = (probs >= epsilon) | (probs >= probs.max(dim=-1, keepdim=True).values)
+            probs = torch.where(keep, probs, torch.zeros_like(probs))
+            nxt = torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
+            for i in torch.nonzero(live)[:, 0].tolist():
+                token = int(nxt[i])
+                tokens[i, length[i]] = token
+                suffixes[i].append(token)
+                length[i] += 1
+                if token == tok.eos_id or length[i] >= max_len:
+                    live[i] = False
+        out.extend(suffixes)
+    return out
+
+
 def sample_suffixes(model, prefix: list[int], world, num: int, max_len: int, epsilon: float,
                     generator: torch.Generator) -> list[list[int]]:
-    """``num`` continuations of ``prefix`` sampled at temperature 1 with an epsilon cutoff (tokens
-    below ``epsilon`` are dropped unless they tie the most likely one), each until end-of-sequence
-    (included) or until the sequence reaches ``max_len`` tokens."""
-    tok, device = world.tokenizer, model_device(model)
-    tokens = pad([prefix] * num, len(prefix), tok.pad_id, device)
-    suffixes: list[list[int]] = [[] for _ in range(num)]
-    done = [False] * num
-    while tokens.shape[1] < max_len and not all(done):
-        probs = torch.softmax(model.logits(tokens)[:, -1].float(), dim=-1).cpu()
-        keep = (probs >= epsilon) | (probs >= probs.max(dim=-1, keepdim=True).values)
-        probs = torch.where(keep, probs, torch.zeros_like(probs))
-        nxt = torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
-        for i, t in enumerate(nxt.tolist()):
-            if not done[i]:
-                suffixes[i].append(t)
-                done[i] = t == tok.eos_id
-        tokens = torch.cat([tokens, nxt[:, None].to(device)], dim=1)
-    return suffixes
+    """``num`` continuations of one prefix (see ``sample_continuations``)."""
+    return sample_continuations(model, [prefix] * num, world, max_len, epsilon, generator)
 
 
 def accepts(probs: list[np.ndarray], epsilon: float) -> list[bool]:
     return [bool(np.all(p > epsilon)) for p in probs]
 
 
-def _suffix_probs(model, prefix, suffixes, world, batch_size) -> list[np.ndarray]:
-    """Probability of each suffix token after ``prefix``."""
-    full = token_probs(model, [prefix + list(s) for s in suffixes], world, batch_size)
-    return [p[len(prefix) - 1:] for p in full]
+def continuation_probs(model, pairs: list[tuple[list[int], list[int]]], world, batch_size) -> list[np.ndarray]:
+    """For each (prefix, continuation), the probability of each continuation token after the prefix."""
+    full = token_probs(model, [list(p) + list(c) for p, c in pairs], world, batch_size)
+    return [f[len(p) - 1:] for f, (p, _) in zip(full, pairs)]
 
 
 class _TrialStates:
@@ -164,20 +184,25 @@ def compression_precision(model, world, num_trials: int = 100, num_suffixes: int
                           max_prefix_moves: int = 100, seed: int = 0, max_len: int = 128,
                           batch_size: int = 256) -> dict:
     """Fraction of trials in which every continuation the model samples after one prefix of a state
-    is accepted after another prefix of the same state (Vafa et al.'s compression precision)."""
+    is accepted after another prefix of the same state (Vafa et al.'s compression precision).
+    All trials' continuations are sampled and scored together in batches."""
     rng = np.random.default_rng([seed, 23])
     gen = torch.Generator().manual_seed(seed)
     draw = _TrialStates(world, rng, max_prefix_moves, max_len, room=1)
-    scores, skipped = [], {"no_room": 0, "no_prefix": 0}
+    trials, skipped = [], {"no_room": 0, "no_prefix": 0}
     for _ in range(num_trials):
         s = draw.state()
         pair = draw.prefix_pair(s, s, distinct=True)
         if isinstance(pair, str):
             skipped[pair] += 1
-            continue
-        p1, p2 = pair
-        suffixes = [x for x in sample_suffixes(model, p1, world, num_suffixes, max_len, epsilon, gen) if x]
-        scores.append(float(all(accepts(_suffix_probs(model, p2, suffixes, world, batch_size), epsilon))))
+        else:
+            trials.append(pair)
+    sampled = sample_continuations(model, [p1 for p1, _ in trials for _ in range(num_suffixes)], world, max_len,
+                                   epsilon, gen, batch_size)
+    probs = continuation_probs(model, [(p2, sampled[t * num_suffixes + j]) for t, (_, p2) in enumerate(trials)
+                                       for j in range(num_suffixes)], world, batch_size)
+    scores = [float(all(accepts(probs[t * num_suffixes:(t + 1) * num_suffixes], epsilon)))
+              for t in range(len(trials))]
     return {"precision": float(np.mean(scores)) if scores else None, "trials": len(scores), "skipped": skipped,
             "epsilon": epsilon, "suffixes_per_trial": num_suffixes}
 
@@ -235,8 +260,7 @@ def distinction(model, world, num_trials: int = 100, num_suffixes: int = 5, suff
     rng = np.random.default_rng([seed, 29])
     gen = torch.Generator().manual_seed(seed)
     draw = _TrialStates(world, rng, max_prefix_moves, max_len, room=suffix_length)
-    precisions, recalls, boundary_sizes = [], [], []
-    skipped = {"no_room": 0, "no_prefix": 0}
+    trials, skipped = [], {"no_room": 0, "no_prefix": 0}
     for _ in range(num_trials):
         s1 = draw.state()
         s2 = draw.state()
@@ -245,11 +269,21 @@ def distinction(model, world, num_trials: int = 100, num_suffixes: int = 5, suff
         pair = draw.prefix_pair(s1, s2, distinct=False)
         if isinstance(pair, str):
             skipped[pair] += 1
-            continue
-        p1, p2 = pair
-        suffixes = [x for x in sample_suffixes(model, p1, world, num_suffixes, max_len, epsilon, gen) if x]
+        else:
+            trials.append((s1, s2, *pair))
+    k = num_suffixes
+    sampled = sample_continuations(model, [p1 for _, _, p1, _ in trials for _ in range(k)], world, max_len,
+                                   epsilon, gen, batch_size)
+    after_p2 = continuation_probs(model, [(p2, sampled[t * k + j]) for t, (_, _, _, p2) in enumerate(trials)
+                                          for j in range(k)], world, batch_size)
+    boundaries = [[list(b) for b in true_boundary(tok, s1, s2, suffix_length)] for s1, s2, _, _ in trials]
+    queries = [(p, b) for (_, _, p1, p2), bound in zip(trials, boundaries) for b in bound for p in (p1, p2)]
+    accepted = accepts(continuation_probs(model, queries, world, batch_size), epsilon)
+    offset = 0
+    precisions, recalls = [], []
+    for t, (s1, s2, _, _) in enumerate(trials):
         model_boundary = set()
-        for suffix, probs in zip(suffixes, _suffix_probs(model, p2, suffixes, world, batch_size)):
+        for suffix, probs in zip(sampled[t * k:(t + 1) * k], after_p2[t * k:(t + 1) * k]):
             below = np.nonzero(probs <= epsilon)[0]
             if below.size:
                 model_boundary.add(tuple(suffix[:below[0] + 1]))
@@ -259,14 +293,11 @@ def distinction(model, world, num_trials: int = 100, num_suffixes: int = 5, suff
             precisions.append(hits / len(model_boundary))
         else:
             precisions.append(1.0)
-        world_boundary = [list(b) for b in true_boundary(tok, s1, s2, suffix_length)]
-        boundary_sizes.append(len(world_boundary))
-        if world_boundary:
-            in1 = accepts(_suffix_probs(model, p1, world_boundary, world, batch_size), epsilon)
-            in2 = accepts(_suffix_probs(model, p2, world_boundary, world, batch_size), epsilon)
-            recalls.append(sum(a and not b for a, b in zip(in1, in2)) / len(world_boundary))
-        else:
-            recalls.append(1.0)
+        # queries alternate (after p1, after p2) per boundary element
+        told_apart = [accepted[offset + 2 * i] and not accepted[offset + 2 * i + 1] for i in range(len(boundaries[t]))]
+        offset += 2 * len(boundaries[t])
+        recalls.append(sum(told_apart) / len(told_apart) if told_apart else 1.0)
+    boundary_sizes = [len(b) for b in boundaries]
     return {"precision": float(np.mean(precisions)) if precisions else None,
             "recall": float(np.mean(recalls)) if recalls else None, "trials": len(precisions), "skipped": skipped,
             "mean_boundary_size": float(np.mean(boundary_sizes)) if boundary_sizes else None,
