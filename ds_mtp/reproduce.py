@@ -341,7 +341,10 @@ def world_make_args(world: str, scale: Scale) -> tuple[str, dict]:
     street maps (Vafa et al.), with sampled pairs where a graph is too large to use every pair."""
     if world in ("usg", "er"):
         return "paper", {}
-    return "shortest", {"num_pairs": scale.manhattan_pairs}
+    from ds_mtp.worlds import build_graph
+
+    _, graph = build_graph(world)
+    return "shortest", ({"num_pairs": scale.manhattan_pairs} if graph.num_nodes > 1000 else {})
 
 
 def prepare_world(world: str, out: Path, scale: Scale, world_seed: int) -> Path:
@@ -488,6 +491,8 @@ def reproduce(world: str, methods: list[str], seeds: int, scale: str | Scale, ou
     overrides = list(overrides)
     check_user_overrides(overrides)
     kind, _ = world_source(world)
+    if kind == "make":
+        world_make_args(world, scale)  # a missing or malformed edges file fails here, before OUT is touched
     world_arg = str(Path(world).resolve()) if kind == "dir" else world
     settings = {"world": world_arg, "world_seed": world_seed, "scale": scale.to_dict(), "k": k, "nproc": nproc,
                 "overrides": overrides, "methods": methods, "seeds": seeds}

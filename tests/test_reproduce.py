@@ -128,6 +128,9 @@ def test_bad_world_exits_2(tmp_path, capsys):
     _one_line_exit_2(capsys, ["reproduce", "--world", "moon", "--out", str(tmp_path / "o")], "unknown world 'moon'")
     _one_line_exit_2(capsys, ["reproduce", "--world", str(tmp_path), "--out", str(tmp_path / "o")],
                      "not a world directory")
+    _one_line_exit_2(capsys, ["reproduce", "--world", f"edges:{tmp_path / 'none.tsv'}", "--out", str(tmp_path / "o")],
+                     "none.tsv")
+    assert not (tmp_path / "o").exists()
 
 
 def test_existing_out_is_not_overwritten(tmp_path, tiny_world, capsys):
