@@ -52,6 +52,7 @@ def test_summary_and_findings():
     assert "not tested" in check_finding(sg, summary)
 
 
+@pytest.mark.slow
 def test_reproduce_report_plots_and_resume(tmp_path, tiny_world, capsys):
     out = tmp_path / "out"
     result = reproduce(str(tiny_world), ["ntp", "lse-mtp"], 2, TINY, out, k=2, nproc=1)
