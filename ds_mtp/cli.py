@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=2, help="ranks per training run")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    from data_prep.cli import add_prep_commands
+
+    p = sub.add_parser("prep", help="prepare a text corpus: SentencePiece tokenizer, token shards, verify, inspect")
+    add_prep_commands(p)
     return parser
 
 
