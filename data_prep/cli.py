@@ -31,7 +31,7 @@ def cmd_shard(args) -> int:
                  doc_per_file=args.doc_per_file, workers=args.workers, shard_tokens=args.shard_tokens,
                  val_fraction=args.val_fraction, dedup=args.dedup, max_doc_chars=args.max_doc_chars,
                  strict=args.strict, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress,
-                 command=list(sys.argv))
+                 unit_bytes=args.unit_bytes, command=list(sys.argv))
     return 0
 
 
@@ -100,6 +100,8 @@ def add_prep_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="require an interrupted run in --out to continue (rerunning the same command resumes anyway)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--unit-bytes", type=int, default=1 << 20,
+                   help="input bytes per work unit of line-based files (how work is cut, never what is written)")
     p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("verify", help="re-check every shard (hashes, index, id range); exit 1 on any fault")

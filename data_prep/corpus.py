@@ -109,7 +109,7 @@ def fingerprint_sources(sources: list[Source]) -> list:
     return out
 
 
-def _line_units(index: int, source: Source, start: int, line: int) -> Iterator[Unit]:
+def _line_units(index: int, source: Source, start: int, line: int, unit_bytes: int) -> Iterator[Unit]:
     opener = gzip.open if source.kind == "jsonl.gz" else open
     kind = "line" if source.kind == "txt" else "json"
     try:
@@ -118,7 +118,7 @@ def _line_units(index: int, source: Source, start: int, line: int) -> Iterator[U
                 f.seek(start)
             while True:
                 try:
-                    records = f.readlines(UNIT_BYTES)
+                    records = f.readlines(unit_bytes)
                 except (OSError, EOFError) as e:  # a corrupt or truncated .gz
                     raise UserError(f"cannot read {source.path} after line {line - 1}: {e}") from None
                 if not records:
@@ -191,15 +191,19 @@ def _hf_units(index: int, source: Source, field: str, start: int) -> Iterator[Un
         yield Unit(index, row, row + 1, "text", records, row + len(records), row + len(records) + 1)
 
 
-def iter_units(sources: list[Source], *, field: str = "text", position: tuple[int, int, int] = (0, 0, 1)) -> Iterator[Unit]:
-    """All units of all sources in order, starting at ``position`` = (source, start, line)."""
+def iter_units(sources: list[Source], *, field: str = "text", position: tuple[int, int, int] = (0, 0, 1),
+               unit_bytes: int = UNIT_BYTES) -> Iterator[Unit]:
+    """All units of all sources in order, starting at ``position`` = (source, start, line).
+
+    ``unit_bytes`` sets the size of units of line-based files; it changes how work is cut, never the output.
+    """
     first_source, start, line = position
     for index in range(first_source, len(sources)):
         source = sources[index]
         if index > first_source:
             start, line = 0, 1
         if source.kind in ("txt", "jsonl", "jsonl.gz"):
-            yield from _line_units(index, source, start, line)
+            yield from _line_units(index, source, start, line, unit_bytes)
         elif source.kind == "txt-file":
             if start == 0:
                 yield from _file_unit(index, source)

@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -29,7 +30,7 @@ import numpy as np
 
 from ds_mtp.data import META_NAME, Meta, ShardWriter, token_dtype, write_atomic
 from ds_mtp.errors import UserError
-from data_prep.corpus import SKIP_REASONS, fingerprint_sources, iter_units, record_to_text, resolve_sources
+from data_prep.corpus import SKIP_REASONS, UNIT_BYTES, fingerprint_sources, iter_units, record_to_text, resolve_sources
 from data_prep.tokenizer import INFO_NAME, MODEL_NAME, load_processor, model_path, special_ids, tokenizer_sha256
 
 STATE_DIR = ".prep_state"
@@ -180,7 +181,7 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
                  field: str = "text", doc_per_file: bool = False, workers: int = 1, shard_tokens: int = 1 << 26,
                  val_fraction: float = 0.01, dedup: bool = False, max_doc_chars: int = 1_000_000,
                  strict: bool = False, overwrite: bool = False, resume: bool = False, progress: bool = True,
-                 command: list[str] | None = None, log=print) -> Meta:
+                 unit_bytes: int = UNIT_BYTES, command: list[str] | None = None, log=print) -> Meta:
     """Tokenize the corpus into ``OUT/{train,val}_NNNNN.{bin,idx}`` and ``OUT/meta.json``; returns the Meta."""
     out = Path(out)
     if workers < 1:
@@ -191,6 +192,8 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if max_doc_chars < 0:
         raise UserError(f"--max-doc-chars must be non-negative, got {max_doc_chars}")
+    if unit_bytes < 1:
+        raise UserError(f"--unit-bytes must be at least 1, got {unit_bytes}")
     if overwrite and resume:
         raise UserError("--overwrite and --resume contradict each other")
     processor = load_processor(tokenizer)
@@ -265,7 +268,10 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
         state_store.save(state, writers, seen)
 
     threshold = np.uint64(min(int(val_fraction * 2**64), 2**64 - 1))
-    units = iter_units(sources, field=field, position=tuple(state["position"]))
+    units = iter_units(sources, field=field, position=tuple(state["position"]), unit_bytes=unit_bytes)
+    # Tests kill the run at a chosen point to prove resuming is exact (SIGKILL: no cleanup runs).
+    kill_after = int(os.environ.get("DATA_PREP_TEST_KILL_AFTER_UNITS", "0"))
+    units_done = 0
     bar = Progress(progress, 0)
     started = time.perf_counter()
     last_checkpoint = time.monotonic()
@@ -308,6 +314,9 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
             state["records"] += n_records
             state["position"] = [source, next_start, next_line]
             bar.update(kept, int(lengths[keep].sum()))
+            units_done += 1
+            if units_done == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
             shard_done = sum(len(w.infos) for w in writers.values()) > completed_before
             if shard_done or time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
                 state_store.save(state, writers, seen)
