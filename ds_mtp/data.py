@@ -15,11 +15,14 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ds_mtp.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where batches are made, so data_prep's processes start fast
+    import torch
 
 META_NAME = "meta.json"
 FORMAT_VERSION = 1
@@ -403,4 +406,6 @@ class WindowSampler:
                 pos = np.where(inside, start[:, None] + cols, start[:, None])
                 tokens[rows] = np.where(inside, toks[pos], self.pad_id)
                 doc_ids[rows] = local[:, None]
+        import torch
+
         return Batch(torch.from_numpy(tokens), torch.from_numpy(doc_ids))
