@@ -109,6 +109,15 @@ def fingerprint_sources(sources: list[Source]) -> list:
     return out
 
 
+def check_sources(sources: list[Source], field: str) -> None:
+    """Fail early (before anything is written) on a parquet file or dataset that lacks the text column."""
+    for source in sources:
+        if source.kind == "parquet":
+            next(_parquet_units(0, source, field, 1 << 62), None)
+        elif source.kind == "hf":
+            next(_hf_units(0, source, field, 1 << 62), None)
+
+
 def _line_units(index: int, source: Source, start: int, line: int, unit_bytes: int) -> Iterator[Unit]:
     opener = gzip.open if source.kind == "jsonl.gz" else open
     kind = "line" if source.kind == "txt" else "json"

@@ -30,7 +30,8 @@ import numpy as np
 
 from ds_mtp.data import META_NAME, Meta, ShardWriter, token_dtype, write_atomic
 from ds_mtp.errors import UserError
-from data_prep.corpus import SKIP_REASONS, UNIT_BYTES, fingerprint_sources, iter_units, record_to_text, resolve_sources
+from data_prep.corpus import (SKIP_REASONS, UNIT_BYTES, check_sources, fingerprint_sources, iter_units, record_to_text,
+                              resolve_sources)
 from data_prep.tokenizer import INFO_NAME, MODEL_NAME, load_processor, model_path, special_ids, tokenizer_sha256
 
 STATE_DIR = ".prep_state"
@@ -204,6 +205,7 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
     vocab_size = processor.get_piece_size()
     tok_sha = tokenizer_sha256(tokenizer)
     sources = resolve_sources(inputs, hf=hf, hf_split=hf_split, doc_per_file=doc_per_file)
+    check_sources(sources, field)
     options = {"inputs": fingerprint_sources(sources), "field": field, "shard_tokens": shard_tokens,
                "val_fraction": val_fraction, "dedup": dedup, "max_doc_chars": max_doc_chars,
                "tokenizer_sha256": tok_sha, "format": 1}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ds_mtp.data import sha256_file, write_atomic
 from ds_mtp.errors import UserError
-from data_prep.corpus import iter_texts, resolve_sources
+from data_prep.corpus import check_sources, iter_texts, resolve_sources
 
 MODEL_NAME = "tokenizer.model"
 INFO_NAME = "tokenizer.json"
@@ -102,6 +102,7 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, *, vocab_size: int =
         raise UserError(f"--character-coverage must be in [0.9, 1], got {character_coverage}")
     _check_out(out_dir, overwrite)
     sources = resolve_sources(inputs, hf=hf, hf_split=hf_split, doc_per_file=doc_per_file)
+    check_sources(sources, field)
     docs = _sample_documents(iter_texts(sources, field=field, max_doc_chars=max_doc_chars), sample_docs)
     if not docs:
         raise UserError("the corpus holds no usable documents to train a tokenizer on")

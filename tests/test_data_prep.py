@@ -238,6 +238,13 @@ def test_bad_input_is_one_line_exit_2_and_keeps_existing_output(corpus, tokenize
     _one_line_error(capsys, ["shard", "--input", str(empty), "--tokenizer", tok, "--out", str(tmp_path / "o"),
                              "--no-progress"], "no documents to write: the corpus is empty after skipping 2 empty")
     assert not (tmp_path / "o" / "meta.json").exists() and not list((tmp_path / "o").glob("*.bin"))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["some text"]}), tmp_path / "t.parquet")
+    _one_line_error(capsys, ["shard", "--input", str(tmp_path / "t.parquet"), "--tokenizer", tok, "--out",
+                             str(tmp_path / "pq")], "t.parquet has no column 'text' (has: body)")
+    assert not (tmp_path / "pq").exists()
     _one_line_error(capsys, ["shard", "--input", str(tmp_path / "notes.csv"), "--tokenizer", tok, "--out",
                              str(tmp_path / "o")], "unsupported input file")
     _one_line_error(capsys, ["shard", "--input", str(corpus), "--tokenizer", str(tmp_path), "--out",
