@@ -129,7 +129,8 @@ def _line_units(index: int, source: Source, start: int, line: int, unit_bytes: i
                 try:
                     records = f.readlines(unit_bytes)
                 except (OSError, EOFError) as e:  # a corrupt or truncated .gz
-                    raise UserError(f"cannot read {source.path} after line {line - 1}: {e}") from None
+                    where = f" past line {line - 1}" if line > 1 else ""
+                    raise UserError(f"cannot read {source.path}{where}: {e}") from None
                 if not records:
                     return
                 end = f.tell()

@@ -15,6 +15,8 @@ def cmd_train(args) -> int:
     from ds_mtp.train import prepare_run, train
 
     cfg = load_config(args.config, args.overrides)
+    if args.data:
+        cfg.data.path = args.data
     if inside_launch():
         if is_launch_leader() and not os.environ.get("DS_MTP_PREPARED"):
             prepare_run(cfg, args.run_dir, args.resume)
@@ -23,7 +25,8 @@ def cmd_train(args) -> int:
     prepare_run(cfg, args.run_dir, args.resume)
     if args.nproc and args.nproc > 1:
         forwarded = ["train", "--run-dir", args.run_dir, *(["--config", args.config] if args.config else []),
-                     *(["--resume"] if args.resume else []), *args.overrides]
+                     *(["--resume"] if args.resume else []), *(["--data", args.data] if args.data else []),
+                     *args.overrides]
         return run_local(args.nproc, forwarded)
     train(cfg, args.run_dir, resume=args.resume)
     return 0
@@ -47,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="where metrics, TensorBoard logs, checkpoints and the model go")
     p.add_argument("--nproc", type=int, default=0, help="start N ranks on this node (GPUs, or CPU processes)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in RUN_DIR")
+    p.add_argument("--data", default="", help="data directory (meta.json + shards); same as data.path=DIR")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=200")
     p.set_defaults(func=cmd_train)
 

@@ -273,10 +273,24 @@ def test_bad_input_is_one_line_exit_2_and_keeps_existing_output(corpus, tokenize
 
 def test_ds_mtp_trains_on_text_shards(reference, tmp_path):
     run = tmp_path / "run"
-    r = run_cli("train", "--run-dir", str(run), f"data.path={reference}", "model.preset=tiny", "model.mtp_k=3",
+    r = run_cli("train", "--run-dir", str(run), "--data", str(reference), "model.preset=tiny", "model.mtp_k=3",
                 "train.seq_len=64", "train.micro_batch=4", "train.max_steps=4", "train.save_model=false")
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_metrics(run / "metrics.jsonl")
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     assert all(np.isfinite(row["loss"]) for row in rows)
     assert json.loads((run / "config.json").read_text())["model"]["vocab_size"] == 600
+
+
+def test_packed_windows_mark_every_document_boundary(reference):
+    """MTP targets must not cross an EOS: the sampler gives the token after each EOS a new document id."""
+    from ds_mtp.data import WindowSampler
+
+    eos = read_meta(reference).special_ids["eos"]
+    sampler = WindowSampler(TokenShards(reference, "train"), seq_len=64, micro_batch=64, seed=3)
+    batch = sampler.batch(0)
+    tokens, doc_ids = batch.tokens.numpy(), batch.doc_ids.numpy()
+    after_eos = tokens[:, :-1] == eos
+    assert after_eos.sum() > 5
+    assert np.all(doc_ids[:, 1:][after_eos] != doc_ids[:, :-1][after_eos])
+    assert np.all(doc_ids[:, 1:][~after_eos] == doc_ids[:, :-1][~after_eos])
