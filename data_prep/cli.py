@@ -74,7 +74,7 @@ def add_prep_commands(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer (or adopt a .model)")
     _corpus_args(p)
-    p.add_argument("--out", required=True, help="tokenizer directory (gets tokenizer.model and tokenizer.json)")
+    p.add_argument("--out", required=True, help="tokenizer directory (gets tokenizer.model and tokenizer_info.json)")
     p.add_argument("--adopt", default="", metavar="MODEL", help="adopt this existing SentencePiece .model instead")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--type", default="bpe", help="bpe or unigram")

@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 
@@ -104,6 +105,21 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _in_order(pool, units, max_pending: int):
+    """Results of ``_tokenize_unit`` in unit order, with at most ``max_pending`` units in flight.
+
+    Unlike ``Pool.imap``, this never reads ahead of the workers or lets finished results pile up,
+    so memory stays bounded by a few units whatever the corpus size.
+    """
+    pending: deque = deque()
+    for unit in units:
+        pending.append(pool.apply_async(_tokenize_unit, (unit,)))
+        if len(pending) >= max_pending:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def _fingerprint(options: dict) -> str:
@@ -285,7 +301,7 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
         else:
             pool = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(
                 workers, initializer=_init_worker, initargs=(str(model_file), field, max_doc_chars))
-            results = pool.imap(_tokenize_unit, units, chunksize=1)
+            results = _in_order(pool, units, max_pending=2 * workers)
         for source, line, next_start, next_line, n_records, tokens, lengths, digests, skips in results:
             for reason, where in skips:
                 location = f"{sources[source].describe()}:{where}"

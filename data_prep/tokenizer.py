@@ -1,6 +1,6 @@
 """SentencePiece tokenizers: train one on a deterministic sample of the corpus, or adopt a ``.model``.
 
-A tokenizer directory holds ``tokenizer.model`` and ``tokenizer.json`` (the special ids pad, bos,
+A tokenizer directory holds ``tokenizer.model`` and ``tokenizer_info.json`` (the special ids pad, bos,
 eos and unk, the vocabulary size, the model's sha256 and how it was made).
 """
 
@@ -18,7 +18,7 @@ from ds_mtp.errors import UserError
 from data_prep.corpus import check_sources, iter_texts, resolve_sources
 
 MODEL_NAME = "tokenizer.model"
-INFO_NAME = "tokenizer.json"
+INFO_NAME = "tokenizer_info.json"
 MODEL_TYPES = ("bpe", "unigram")
 MAX_SENTENCE_BYTES = 1 << 16
 

@@ -219,7 +219,7 @@ def test_tokenizer_unigram_and_adopt(corpus, tokenizer, tmp_path):
     assert sp.encode("😀")  # byte fallback: never an unknown piece
     assert sp.unk_id() not in sp.encode("😀 ünïcode")
     adopted = adopt_tokenizer(tokenizer / "tokenizer.model", tmp_path / "adopted", **quiet)
-    assert adopted["sha256"] == json.loads((tokenizer / "tokenizer.json").read_text())["sha256"]
+    assert adopted["sha256"] == json.loads((tokenizer / "tokenizer_info.json").read_text())["sha256"]
 
 
 def _one_line_error(capsys, argv, message, code=2):
