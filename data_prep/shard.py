@@ -127,14 +127,14 @@ def _fingerprint(options: dict) -> str:
 
 
 def _our_files(out: Path) -> list[Path]:
-    """Files in OUT that a previous prep run could have written (shards, manifest, tokenizer copy, state)."""
+    """Files in OUT that a previous shard run could have written (shards, manifest, state), not the tokenizer."""
     found = []
     for p in out.iterdir():
         stem = p.name.split(".")[0]
         split, _, number = stem.rpartition("_")
         if split in SPLITS and len(number) == 5 and number.isdigit():
             found.append(p)
-        elif p.name in (META_NAME, META_NAME + ".tmp", MODEL_NAME, INFO_NAME, STATE_DIR):
+        elif p.name in (META_NAME, META_NAME + ".tmp", STATE_DIR):
             found.append(p)
     return found
 
@@ -263,8 +263,10 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
     if overwrite:
         _remove(existing)
 
-    # The data directory carries its tokenizer, so inspect and training need nothing else.
-    if not (out / MODEL_NAME).is_file():
+    # The data directory carries its tokenizer, so inspect and training need nothing else (unless
+    # --out is the tokenizer's own directory).
+    copy_tokenizer = model_file.resolve() != (out / MODEL_NAME).resolve()
+    if copy_tokenizer:
         write_atomic(out / MODEL_NAME, model_file.read_bytes())
         write_atomic(out / INFO_NAME, (json.dumps({"vocab_size": vocab_size, "special_ids": specials,
                                                    "sha256": tok_sha}, indent=2) + "\n").encode())
@@ -351,7 +353,7 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
     if state["documents"] == 0:
         for w in writers.values():
             w.discard()
-        _remove(_our_files(out))
+        _remove(_our_files(out) + ([out / MODEL_NAME, out / INFO_NAME] if copy_tokenizer else []))
         skipped = ", ".join(f"{n} {r}" for r, n in state["skipped"].items() if n)
         raise UserError(f"no documents to write: the corpus is empty{f' after skipping {skipped}' if skipped else ''}")
     meta = Meta(vocab_size=vocab_size, dtype=token_dtype(vocab_size).str, special_ids=specials, extra={
