@@ -83,7 +83,7 @@ def _tokenize_unit(unit):
 class Progress:
     """A tqdm bar on stderr with documents/s and tokens/s (silent when disabled)."""
 
-    def __init__(self, enabled: bool, total_bytes: int):
+    def __init__(self, enabled: bool):
         self.bar = None
         self.start = time.perf_counter()
         self.docs = self.tokens = 0
@@ -233,6 +233,11 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
     state_store = _State(out)
     state = None
     existing = _our_files(out)
+    if not (out / STATE_DIR / "state.json").is_file() and not (out / META_NAME).is_file() and \
+            all(p.name.endswith(".tmp") or p.name == STATE_DIR for p in existing):
+        # Killed before its first checkpoint: nothing was written that a rerun could not redo.
+        _remove(existing)
+        existing = []
     if (out / META_NAME).is_file() and not overwrite:
         try:
             old = json.loads((out / META_NAME).read_text())
@@ -292,7 +297,7 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
     # Tests kill the run at a chosen point to prove resuming is exact (SIGKILL: no cleanup runs).
     kill_after = int(os.environ.get("DATA_PREP_TEST_KILL_AFTER_UNITS", "0"))
     units_done = 0
-    bar = Progress(progress, 0)
+    bar = Progress(progress)
     started = time.perf_counter()
     last_checkpoint = time.monotonic()
     pool = None

@@ -294,3 +294,14 @@ def test_packed_windows_mark_every_document_boundary(reference):
     assert after_eos.sum() > 5
     assert np.all(doc_ids[:, 1:][after_eos] != doc_ids[:, :-1][after_eos])
     assert np.all(doc_ids[:, 1:][~after_eos] == doc_ids[:, :-1][~after_eos])
+
+
+def test_killed_before_the_first_checkpoint_starts_afresh(corpus, tokenizer, reference, tmp_path):
+    out = tmp_path / "data"
+    (out / ".prep_state").mkdir(parents=True)
+    (out / ".prep_state" / "seen.1.npy").write_bytes(b"partial")
+    (out / "train_00000.bin.tmp").write_bytes(b"\1\2\3")
+    (out / "val_00000.bin.tmp").write_bytes(b"")
+    shard_corpus([str(corpus)], tokenizer, out, shard_tokens=6000, val_fraction=0.1, progress=False,
+                 unit_bytes=20_000, **quiet)
+    assert shard_files(out) == shard_files(reference)
