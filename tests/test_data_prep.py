@@ -271,6 +271,7 @@ def test_bad_input_is_one_line_exit_2_and_keeps_existing_output(corpus, tokenize
     _one_line_error(capsys, ["verify", str(tmp_path / "nothing")], "data directory not found")
 
 
+@pytest.mark.slow
 def test_ds_mtp_trains_on_text_shards(reference, tmp_path):
     run = tmp_path / "run"
     r = run_cli("train", "--run-dir", str(run), "--data", str(reference), "model.preset=tiny", "model.mtp_k=3",
