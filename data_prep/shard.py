@@ -16,6 +16,7 @@ same bytes as an uninterrupted run. ``meta.json`` (the manifest) is written last
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -67,14 +68,9 @@ def _tokenize_unit(unit):
     digests = b"".join(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=_HASH_BYTES).digest()
                        for t in texts)
     # num_threads=1: parallelism comes from the worker processes; threads would oversubscribe the cores.
-    ids = _worker["processor"].encode(texts, num_threads=1) if texts else []
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    tokens = np.empty(int(lengths.sum()), dtype=np.int64)
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    for start, piece in zip(starts.tolist(), ids):
-        tokens[start:start + len(piece)] = piece
-    tokens[ends - 1] = _worker["eos"]
+    ids = _worker["processor"].encode(texts, add_eos=True, num_threads=1) if texts else []
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
     return unit.source, unit.line, unit.next_start, unit.next_line, len(unit.records), tokens, lengths, digests, skips
 
 
