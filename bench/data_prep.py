@@ -103,7 +103,8 @@ def main() -> None:
     for w in args.workers:
         pipes = [pipeline(corpus, tokenizer, w, work) for _ in range(args.trials)]
         ceils = [ceiling(w) for _ in range(args.trials)]
-        pipe, ceil = (max(p[0] for p in pipes), max(p[1] for p in pipes)), (max(c[0] for c in ceils), max(c[1] for c in ceils))
+        pipe = (max(p[0] for p in pipes), max(p[1] for p in pipes))
+        ceil = (max(c[0] for c in ceils), max(c[1] for c in ceils))
         rows[w] = (pipe, ceil)
         print(f"workers={w}: pipeline {pipe[0]:,.0f} tokens/s ({pipe[1]:,.0f} per CPU-s), ceiling {ceil[0]:,.0f} "
               f"tokens/s ({ceil[1]:,.0f} per CPU-s); pipeline/ceiling {pipe[0] / ceil[0]:.2f} wall, "

@@ -69,7 +69,8 @@ def _kind_of(path: Path, doc_per_file: bool) -> str:
     raise UserError(f"unsupported input file {path} (expected one of {', '.join(SUFFIXES)})")
 
 
-def resolve_sources(inputs: list[str], *, hf: str = "", hf_split: str = "train", doc_per_file: bool = False) -> list[Source]:
+def resolve_sources(inputs: list[str], *, hf: str = "", hf_split: str = "train",
+                    doc_per_file: bool = False) -> list[Source]:
     """Expand the command line's inputs into a sorted, checked list of sources.
 
     A directory contributes every file below it with a supported suffix (sorted by path), so the

@@ -62,7 +62,7 @@ def _sample_documents(texts, n: int) -> list[str]:
     return [text for _, text in sorted(heap, key=lambda item: -item[0])]
 
 
-def _write_tokenizer(out_dir: Path, model_bytes: bytes, info: dict, overwrite: bool) -> dict:
+def _write_tokenizer(out_dir: Path, model_bytes: bytes, info: dict) -> dict:
     import sentencepiece as spm
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -82,7 +82,8 @@ def _check_out(out_dir: Path, overwrite: bool) -> None:
 
 
 def train_tokenizer(inputs: list[str], out_dir: str | Path, *, vocab_size: int = 8000, model_type: str = "bpe",
-                    sample_docs: int = 100_000, character_coverage: float = 0.9995, hf: str = "", hf_split: str = "train",
+                    sample_docs: int = 100_000, character_coverage: float = 0.9995, hf: str = "",
+                    hf_split: str = "train",
                     field: str = "text", doc_per_file: bool = False, max_doc_chars: int = 0, seed: int = 0,
                     threads: int = 0, overwrite: bool = False, log=print) -> dict:
     """Train a SentencePiece model with byte fallback and write the tokenizer directory."""
@@ -124,8 +125,10 @@ def train_tokenizer(inputs: list[str], out_dir: str | Path, *, vocab_size: int =
                         f"{len(docs)} document(s): {message}") from None
     info = _write_tokenizer(out_dir, model.getvalue(), {
         "source": "trained", "documents": len(docs), "sentences": len(sentences),
-        "options": {**{k: v for k, v in options.items() if k not in ("num_threads", "minloglevel")}, "seed": seed}}, overwrite)
-    log(f"tokenizer: {info['vocab_size']} pieces ({model_type}) trained on {len(docs)} documents -> {out_dir / MODEL_NAME}")
+        "options": {**{k: v for k, v in options.items() if k not in ("num_threads", "minloglevel")}, "seed": seed},
+    })
+    log(f"tokenizer: {info['vocab_size']} pieces ({model_type}) trained on {len(docs)} documents "
+        f"-> {out_dir / MODEL_NAME}")
     return info
 
 
@@ -135,7 +138,7 @@ def adopt_tokenizer(model_file: str | Path, out_dir: str | Path, *, overwrite: b
     _check_out(out_dir, overwrite)
     processor = load_processor(model_file)
     data = model_path(model_file).read_bytes()
-    info = _write_tokenizer(out_dir, data, {"source": f"adopted from {model_file}"}, overwrite)
+    info = _write_tokenizer(out_dir, data, {"source": f"adopted from {model_file}"})
     if info["special_ids"]["eos"] is None:
         log("warning: the adopted model has no eos id; shards will have no document separator")
     log(f"tokenizer: adopted {processor.get_piece_size()} pieces from {model_file} -> {out_dir / MODEL_NAME}")

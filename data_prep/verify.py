@@ -69,7 +69,8 @@ def verify_data(data_dir: str | Path, log=print) -> list[str]:
             tokens += n_tokens
             documents += offsets.size - 1
     tokenizer_hash = meta.extra.get("tokenizer_sha256")
-    if tokenizer_hash and (data_dir / MODEL_NAME).is_file() and tokenizer_sha256(data_dir / MODEL_NAME) != tokenizer_hash:
+    copy = data_dir / MODEL_NAME
+    if tokenizer_hash and copy.is_file() and tokenizer_sha256(copy) != tokenizer_hash:
         faults.append(f"{MODEL_NAME}: sha256 differs from the one the shards were made with")
     for fault in faults:
         log(f"FAULT {fault}")
