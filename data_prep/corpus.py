@@ -246,13 +246,17 @@ def record_to_text(kind: str, record, field: str, max_doc_chars: int) -> tuple[s
                 return None, "empty"
             try:
                 obj = json.loads(text)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # JSONDecodeError, or nesting too deep to parse
                 return None, "invalid_json"
             if not isinstance(obj, dict) or obj.get(field) is None:
                 return None, "missing_field"
             text = obj[field]
             if not isinstance(text, str):
                 return None, "not_text"
+            try:  # JSON escapes can spell lone surrogates, which are not Unicode text
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return None, "not_utf8"
     if not text.strip():
         return None, "empty"
     if max_doc_chars and len(text) > max_doc_chars:

@@ -120,9 +120,11 @@ def test_sigkill_then_rerun_is_byte_identical(corpus, tokenizer, reference, tmp_
 BAD_JSONL = b"\n".join([
     b'{"text": "A good first document about parsing."}',
     b'{"text": "broken json',
+    b'{"text": ' + b"[" * 100_000,
     b'{"title": "no text field"}',
     b'{"text": 42}',
     b'{"text": "latin-1 bytes \xe9t\xe9"}',
+    b'{"text": "a lone surrogate \\ud800 escape"}',
     b'{"text": "   "}',
     b'{"text": "' + b"x" * 300 + b'"}',
     b'',
@@ -138,11 +140,11 @@ def test_every_bad_record_is_counted_with_its_location(tokenizer, tmp_path):
     logged = []
     meta = shard_corpus([str(bad), str(txt)], tokenizer, tmp_path / "out", max_doc_chars=200, val_fraction=0,
                         progress=False, log=logged.append)
-    assert meta.extra["documents"] == 4 and meta.extra["records"] == 13
-    assert meta.extra["skipped"] == {"invalid_json": 1, "missing_field": 1, "not_text": 1, "not_utf8": 2,
+    assert meta.extra["documents"] == 4 and meta.extra["records"] == 15
+    assert meta.extra["skipped"] == {"invalid_json": 2, "missing_field": 1, "not_text": 1, "not_utf8": 3,
                                      "empty": 3, "too_long": 1, "duplicate": 0}
-    assert meta.extra["skip_examples"][:3] == [f"{bad}:2: invalid_json", f"{bad}:3: missing_field", f"{bad}:4: not_text"]
-    assert any("skipped 9" in line for line in logged)
+    assert meta.extra["skip_examples"][:3] == [f"{bad}:2: invalid_json", f"{bad}:3: invalid_json", f"{bad}:4: missing_field"]
+    assert any("skipped 11" in line for line in logged)
     assert decoded(tmp_path / "out", "train") == ["A good first document about parsing.",
                                                   "A good second document, the last one.",
                                                   "One good line of text.", "Another good line."]
