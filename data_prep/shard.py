@@ -71,29 +71,42 @@ def _tokenize_unit(unit):
     ids = _worker["processor"].encode(texts, add_eos=True, num_threads=1) if texts else []
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
-    return unit.source, unit.line, unit.next_start, unit.next_line, len(unit.records), tokens, lengths, digests, skips
+    input_bytes = len(unit.records[0]) if unit.kind == "file" else unit.next_start - unit.start
+    return (unit.source, unit.line, unit.next_start, unit.next_line, len(unit.records), input_bytes, tokens, lengths,
+            digests, skips)
 
 
 # ---------------------------------------------------------------- parent side
 
 class Progress:
-    """A tqdm bar on stderr with documents/s and tokens/s (silent when disabled)."""
+    """A tqdm bar on stderr with documents/s and tokens/s (silent when disabled).
 
-    def __init__(self, enabled: bool):
+    It counts input bytes (with a percentage and ETA) when every source is a plain .txt/.jsonl
+    file, whose size is known up front, and documents otherwise.
+    """
+
+    def __init__(self, enabled: bool, sources: list, position: tuple[int, int, int]):
         self.bar = None
         self.start = time.perf_counter()
         self.docs = self.tokens = 0
+        self.by_bytes = all(s.kind in ("txt", "jsonl", "txt-file") for s in sources)
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(unit=" docs", file=sys.stderr, dynamic_ncols=True,
-                            mininterval=0.5, leave=False)
+            if self.by_bytes:
+                sizes = [os.path.getsize(s.path) for s in sources]
+                done = sum(sizes[:position[0]]) + (position[1] if sources[position[0]].kind != "txt-file"
+                                                   else position[1] * sizes[position[0]])
+                self.bar = tqdm(total=sum(sizes), initial=done, unit="B", unit_scale=True, file=sys.stderr,
+                                dynamic_ncols=True, mininterval=0.5, leave=False)
+            else:
+                self.bar = tqdm(unit=" docs", file=sys.stderr, dynamic_ncols=True, mininterval=0.5, leave=False)
 
-    def update(self, docs: int, tokens: int) -> None:
+    def update(self, docs: int, tokens: int, input_bytes: int) -> None:
         self.docs += docs
         self.tokens += tokens
         if self.bar is not None:
-            self.bar.update(docs)
+            self.bar.update(input_bytes if self.by_bytes else docs)
             elapsed = max(time.perf_counter() - self.start, 1e-9)
             self.bar.set_postfix_str(f"{self.docs / elapsed:,.0f} docs/s, {self.tokens / elapsed:,.0f} tokens/s",
                                      refresh=False)
@@ -293,7 +306,7 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
     # Tests kill the run at a chosen point to prove resuming is exact (SIGKILL: no cleanup runs).
     kill_after = int(os.environ.get("DATA_PREP_TEST_KILL_AFTER_UNITS", "0"))
     units_done = 0
-    bar = Progress(progress)
+    bar = Progress(progress, sources, tuple(state["position"]))
     started = time.perf_counter()
     last_checkpoint = time.monotonic()
     pool = None
@@ -305,7 +318,7 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
             pool = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(
                 workers, initializer=_init_worker, initargs=(str(model_file), field, max_doc_chars))
             results = _in_order(pool, units, max_pending=2 * workers)
-        for source, line, next_start, next_line, n_records, tokens, lengths, digests, skips in results:
+        for source, line, next_start, next_line, n_records, input_bytes, tokens, lengths, digests, skips in results:
             for reason, where in skips:
                 location = f"{sources[source].describe()}:{where}"
                 if strict:
@@ -334,7 +347,7 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
             state["tokens"] += int(lengths[keep].sum())
             state["records"] += n_records
             state["position"] = [source, next_start, next_line]
-            bar.update(kept, int(lengths[keep].sum()))
+            bar.update(kept, int(lengths[keep].sum()), input_bytes)
             units_done += 1
             if units_done == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
