@@ -48,8 +48,11 @@ _HASH_BYTES = 16
 _worker: dict = {}
 
 
-def _init_worker(model_file: str, field: str, max_doc_chars: int) -> None:
+def _init_worker(model_file: str, field: str, max_doc_chars: int, in_pool: bool = True) -> None:
     import sentencepiece as spm
+
+    if in_pool:  # Ctrl-C is the parent's to handle (it stops the pool); no traceback per worker
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     processor = spm.SentencePieceProcessor()
     processor.Load(model_file)
@@ -312,7 +315,7 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
     pool = None
     try:
         if workers == 1:
-            _init_worker(str(model_file), field, max_doc_chars)
+            _init_worker(str(model_file), field, max_doc_chars, in_pool=False)
             results = map(_tokenize_unit, units)
         else:
             pool = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(
