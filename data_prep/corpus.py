@@ -99,11 +99,13 @@ def resolve_sources(inputs: list[str], *, hf: str = "", hf_split: str = "train",
 
 
 def fingerprint_sources(sources: list[Source]) -> list:
-    """What identifies the input for resuming: paths with size and modification time."""
+    """What identifies the input for resuming: paths with size and modification time (datasets: length
+    and content fingerprint)."""
     out = []
     for s in sources:
         if s.kind == "hf":
-            out.append([s.kind, s.path, s.split])
+            ds = load_hf(s.path, s.split)  # its content fingerprint changes whenever the data does
+            out.append([s.kind, s.path, s.split, len(ds), getattr(ds, "_fingerprint", "")])
         else:
             st = os.stat(s.path)
             out.append([s.kind, s.path, st.st_size, st.st_mtime_ns])
