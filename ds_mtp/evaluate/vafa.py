@@ -118,16 +118,16 @@ def sample_continuations(model, prefixes: list[list[int]], world, max_len: int, 
         live = length < max_len
         suffixes: list[list[int]] = [[] for _ in chunk]
         while live.any():
-            width = int(length[live].max())
-            logits = model.logits(tokens[:, :width].to(device))
-            last = logits[torch.arange(len(chunk), device=logits.device), (length - 1).clamp(max=width - 1).to(
-                logits.device)]
+            rows_live = torch.nonzero(live)[:, 0]  # finished rows drop out of the forward pass
+            width = int(length[rows_live].max())
+            logits = model.logits(tokens[rows_live, :width].to(device))
+            last = logits[torch.arange(len(rows_live), device=logits.device), (length[rows_live] - 1).to(logits.device)]
             probs = torch.softmax(last.float(), dim=-1).cpu()
             keep = (probs >= epsilon) | (probs >= probs.max(dim=-1, keepdim=True).values)
             probs = torch.where(keep, probs, torch.zeros_like(probs))
             nxt = torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
-            for i in torch.nonzero(live)[:, 0].tolist():
-                token = int(nxt[i])
+            for r, i in enumerate(rows_live.tolist()):
+                token = int(nxt[r])
                 tokens[i, length[i]] = token
                 suffixes[i].append(token)
                 length[i] += 1
