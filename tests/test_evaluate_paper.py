@@ -1,6 +1,5 @@
 """The LSE-MTP paper's metrics on models built to give known answers."""
 
-import numpy as np
 import pytest
 import torch
 

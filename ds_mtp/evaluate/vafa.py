@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from ds_mtp.evaluate import model_device
-from ds_mtp.evaluate.common import (MAX_LOGITS_PER_BATCH, WorldIndex, argmax_tokens, heldout_sequences, hidden_at, is_legal, last_probs,
-                                    pad, suffix_valid, token_probs, walk_nodes)
+from ds_mtp.evaluate.common import (MAX_LOGITS_PER_BATCH, WorldIndex, argmax_tokens, heldout_sequences, hidden_at,
+                                    is_legal, last_probs, pad, suffix_valid, token_probs, walk_nodes)
 
 DETOUR_TYPES = ("random_valid", "least_likely", "second_most_likely")
 MIN_PROBE_STEPS = 500
@@ -75,7 +75,9 @@ def state_probe(model, world, num_sequences: int = 2000, seed: int = 0, max_len:
         labels.extend(nodes[t] for t in ps)
     device = model_device(model)  # the probe trains where the model runs (a GPU for Manhattan-sized worlds)
     X = torch.from_numpy(hidden_at(model, seqs, positions, world, batch_size)).to(device)
-    y = torch.tensor(labels, dtype=torch.long, device=device)
+    # classes are the nodes that occur (Vafa's LabelEncoder): on a large map most nodes never do
+    nodes, y = torch.unique(torch.tensor(labels, dtype=torch.long), return_inverse=True)
+    y = y.to(device)
     if len(y) < 5:
         return {"accuracy": None, "states": len(y), "sequences": len(seqs)}
     order = np.random.default_rng([seed, 19]).permutation(len(y))
@@ -83,7 +85,7 @@ def state_probe(model, world, num_sequences: int = 2000, seed: int = 0, max_len:
     train, test = torch.from_numpy(order[:cut]).to(device), torch.from_numpy(order[cut:]).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        probe = torch.nn.Linear(X.shape[1], world.graph.num_nodes).to(device)
+        probe = torch.nn.Linear(X.shape[1], len(nodes)).to(device)
         opt = torch.optim.Adam(probe.parameters(), lr=lr)
         # at least MIN_PROBE_STEPS updates: on few states, a few epochs leave even a perfect code unfit
         for _ in range(max(epochs, -(-MIN_PROBE_STEPS // -(-len(train) // 2048)))):
@@ -96,9 +98,10 @@ def state_probe(model, world, num_sequences: int = 2000, seed: int = 0, max_len:
                 opt.step()
     with torch.no_grad():
         accuracy = (probe(X[test]).argmax(-1) == y[test]).float().mean().item()
-    majority_node = torch.bincount(y[train], minlength=world.graph.num_nodes).argmax()
+    majority_node = torch.bincount(y[train], minlength=len(nodes)).argmax()
     return {"accuracy": accuracy, "majority": (y[test] == majority_node).float().mean().item(),
-            "train_states": len(train), "test_states": len(test), "sequences": len(seqs), "dropped_too_long": dropped}
+            "train_states": len(train), "test_states": len(test), "classes": len(nodes), "sequences": len(seqs),
+            "dropped_too_long": dropped}
 
 
 @torch.no_grad()
