@@ -10,9 +10,10 @@ Model" (NeurIPS 2024), on a deterministic graph world whose state is (current no
 - ``detour_robustness``: greedy decoding with forced detours still reaches the destination.
 
 A model "accepts" a token sequence when each of its tokens has probability above ``epsilon``.
-Prefixes are Vafa's backward random walks (``WorldIndex.backward_prefix``) from a state (u, g)
-drawn from the world's origin/destination pairs (u the pair's origin), of a uniform length
-1..``max_prefix_moves`` capped so that prefix, continuation and the route to the goal fit the
+Prefixes are Vafa's backward random walks (``WorldIndex.backward_prefix``, conditioned on never
+visiting the goal and never getting stuck) from a state (u, g) drawn from the world's
+origin/destination pairs (u the pair's origin), of a length uniform among those possible in
+1..``max_prefix_moves``, capped so that prefix, continuation and the route to the goal fit the
 model's context. Trials whose state admits no prefix are counted in ``skipped``, never hidden:
 no exception is swallowed.
 """
@@ -169,16 +170,20 @@ class _TrialStates:
         return int(u), int(g)
 
     def prefix_pair(self, s1, s2, distinct: bool) -> tuple[list[int], list[int]] | str:
-        """Two prefixes of one uniform length reaching s1 and s2, or the reason there are none."""
+        """Two prefixes of one length reaching s1 and s2 (uniform among the lengths both admit), or
+        the reason there are none."""
         room = max(self.room, 1 + int(self.index.dist_to(s1[1])[s1[0]]))
         longest = min(self.max_prefix_moves, self.max_len - 2 - room)
         if longest < 1:
             return "no_room"
-        moves = int(self.rng.integers(1, longest + 1))
+        lengths = sorted(self.index.prefix_lengths(*s1, longest) & self.index.prefix_lengths(*s2, longest))
+        if not lengths:
+            return "no_prefix"
+        moves = lengths[int(self.rng.integers(len(lengths)))]
         for _ in range(20):
             p1 = self.index.backward_prefix(*s1, moves, self.rng)
             p2 = self.index.backward_prefix(*s2, moves, self.rng)
-            if p1 is not None and p2 is not None and (p1 != p2 or not distinct):
+            if p1 != p2 or not distinct:
                 return p1, p2
         return "no_prefix"
 
