@@ -26,6 +26,7 @@ DEFAULT_SCALE: dict = {
     "structure_pairs": 5000,       # state pairs per group (shared k-ahead token, random)
     "structure_ks": [2, 3],        # k of Structure Gain
     "belief_trials": 1000,         # prefix pairs per belief group
+    "belief_read_at": "last",      # prefix token whose state is compared: last | second_to_last (paper's script)
     "validity_sequences": 1000,    # held-out shortest paths for next-token validity
     "probe_sequences": 2000,       # held-out shortest paths whose states train / test the probe
     "probe_epochs": 100,           # passes of the probe's optimiser
@@ -94,7 +95,8 @@ def _run_metric(name: str, model, world, sc: dict, seed: int, max_len: int) -> d
         return paper.structure_gain(model, world, tuple(sc["structure_ks"]), sc["structure_sequences"],
                                     sc["structure_pairs"], max_len=max_len, **common)
     if name == "belief":
-        return paper.belief_similarity(model, world, sc["belief_trials"], max_len=max_len, **common)
+        return paper.belief_similarity(model, world, sc["belief_trials"], max_len=max_len,
+                                       read_at=sc["belief_read_at"], **common)
     if name == "validity":
         return vafa.next_token_validity(model, world, sc["validity_sequences"], max_len=max_len, **common)
     if name == "probe":
