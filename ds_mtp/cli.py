@@ -63,7 +63,7 @@ def cmd_eval(args) -> int:
     from ds_mtp.evaluate.suite import format_table, run_eval
 
     metrics = [m for item in args.metrics for m in item.split(",") if m] if args.metrics else None
-    results = run_eval(args.model, args.world, args.out, metrics, args.scale, args.seed, args.device)
+    results = run_eval(args.model, args.world, args.out, metrics, args.scale, args.seed, args.device, args.set)
     print(format_table(results))
     if args.out:
         print(f"results: {args.out}")
@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "compression distinction detour (default all)")
     p.add_argument("--scale", default="default", choices=["quick", "default"],
                    help="trial counts: default = the papers' sizes, quick = a smoke test")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one scale setting, e.g. --set path_pairs=200 --set detour_probs=[0.05] "
+                        "(keys: ds_mtp/evaluate/suite.py DEFAULT_SCALE)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--out", help="write the full results as JSON here")
