@@ -79,7 +79,11 @@ def _set_threads() -> None:
     """On CPU, give each local rank its share of the cores instead of letting every rank take all."""
     if torch.cuda.is_available():
         return
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    local_world = 1
+    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "WORLD_SIZE", "PMI_SIZE"):
+        if var in os.environ:  # deepspeed/torchrun, then Open MPI and MPICH (set before MPI discovery)
+            local_world = int(os.environ[var])
+            break
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
 
 
