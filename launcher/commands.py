@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 # Each rank runs `python -m ds_mtp.cli train ...`; the deepspeed runner adds --local_rank, which the CLI accepts.
 RANK_MODULE = "ds_mtp.cli"
+RANK_SCRIPT = str(Path(__file__).resolve().parent / "rank.py")
 DEEPSPEED_LAUNCHERS = ("pdsh", "openmpi", "mpich", "slurm")
 LAUNCHERS = (*DEEPSPEED_LAUNCHERS, "mpirun")
 
@@ -36,8 +38,12 @@ def deepspeed_command(runner: list[str], train_args: list[str], *, master_port: 
         cmd += ["--no_ssh", "--node_rank", str(node_rank)]
     elif hostfile and launcher != "pdsh":
         cmd += ["--launcher", launcher]
+        if launcher == "slurm":
+            cmd.append("--no_ssh_check")  # compute nodes of an allocation often refuse ssh; srun needs none
     if launcher_args:
         cmd += ["--launcher_args", launcher_args]
+    if launcher == "slurm" and hostfile and not no_ssh:
+        return [*cmd, RANK_SCRIPT, *train_args]  # DeepSpeed's slurm runner starts a file, never a module
     return [*cmd, "--module", RANK_MODULE, *train_args]
 
 

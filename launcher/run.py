@@ -137,9 +137,14 @@ def plan_launch(o: LaunchOptions) -> tuple[Launch, object]:
             ports["teacher.port"] = getattr(teacher, "port", 0) or port + 1
         checks.check_ports(ports)
 
+    # Without an address DeepSpeed asks the first host over ssh; under slurm that host is rank 0's node.
+    master_addr = o.master_addr or (next(iter(nodes)) if o.launcher == "slurm" else "")
     env = {"PYTHONUNBUFFERED": "1"}
     if leads:
         env["DS_MTP_PREPARED"] = "1"  # rank 0 need not check and write RUN_DIR/config.json again
+    if o.launcher == "slurm":
+        # srun --export=ALL hands these to every task; ds_mtp.launch.adopt_slurm_env maps SLURM_PROCID to RANK.
+        env.update(DS_MTP_SLURM="1", MASTER_ADDR=master_addr, MASTER_PORT=str(port))
     train_args = _train_args(o)
     if o.launcher == "mpirun":
         checks.check_mpi4py()
@@ -155,7 +160,7 @@ def plan_launch(o: LaunchOptions) -> tuple[Launch, object]:
         command = deepspeed_command(
             runner, train_args, master_port=port, nproc=o.nproc if o.hostfile else world,
             hostfile=str(Path(o.hostfile).resolve()) if o.hostfile else "", include=o.include, exclude=o.exclude,
-            num_nodes=o.num_nodes, master_addr=o.master_addr, launcher=o.launcher,
+            num_nodes=o.num_nodes, master_addr=master_addr, launcher=o.launcher,
             launcher_args=o.launcher_args, no_ssh=o.no_ssh, node_rank=o.node_rank)
     summary = _summary(o, nodes, layout, cfg)
     return Launch(command, env, nodes, layout, port, leads, summary), cfg
@@ -173,6 +178,20 @@ def _summary(o: LaunchOptions, nodes: dict[str, list[int]], layout: checks.Layou
             f"{t.micro_batch * t.grad_accum * layout.data_parallel} windows of {t.seq_len} tokens per step")
 
 
+BACK_ENDS = {"pdsh": "pdsh", "openmpi": "mpirun", "mpich": "mpirun", "slurm": "srun"}
+
+
+def _check_back_end(o: LaunchOptions, plan: Launch) -> None:
+    """The program DeepSpeed's multi-node runner will call must exist here (checked for real runs only, so a
+    dry run works on a machine without it)."""
+    if not o.hostfile or o.no_ssh or o.launcher == "mpirun" or len(plan.nodes) < 2:
+        return
+    program = BACK_ENDS[o.launcher]
+    if checks.find_executable(program) is None:
+        hint = " (or start each node with --no-ssh --node-rank R)" if o.launcher == "pdsh" else ""
+        raise UserError(f"--launcher {o.launcher} needs {program}, which is not installed here{hint}")
+
+
 def launch(o: LaunchOptions) -> int:
     """Check, print the exact command, and run it (unless dry_run). Returns the launcher's exit code."""
     from ds_mtp.train import prepare_run
@@ -182,6 +201,7 @@ def launch(o: LaunchOptions) -> int:
     print(render(plan.command, plan.env), flush=True)
     if o.dry_run:
         return 0
+    _check_back_end(o, plan)
     if plan.leads:
         prepare_run(cfg, o.run_dir, o.resume)
     try:

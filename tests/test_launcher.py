@@ -1,4 +1,5 @@
 import json
+import os
 import shlex
 import socket
 import sys
@@ -142,11 +143,19 @@ def test_multi_node_pdsh_no_ssh_and_back_end_commands(tmp_path, token_data, caps
     assert cmd[0] == "PYTHONUNBUFFERED=1" and "DS_MTP_PREPARED=1" not in cmd  # node 1 leaves RUN_DIR to node 0
     assert cmd[cmd.index("--no_ssh"):cmd.index("--module")] == ["--no_ssh", "--node_rank", "1"]
 
-    for back_end in ("slurm", "openmpi"):
-        _, cmd = dry_run(capsys, *common, "--launcher", back_end, "--launcher-args=--mem=0", "--nproc", "1")
-        i = cmd.index("--module")
-        assert cmd[3:i] == ["--hostfile", hostfile, "--num_gpus", "1", "--master_port", "29500",
-                            "--launcher", back_end, "--launcher_args", "--mem=0"]
+    _, cmd = dry_run(capsys, *common, "--launcher", "openmpi", "--launcher-args=--mca btl tcp", "--nproc", "1")
+    i = cmd.index("--module")
+    assert cmd[3:i] == ["--hostfile", hostfile, "--num_gpus", "1", "--master_port", "29500", "--launcher", "openmpi",
+                        "--launcher_args", "--mca btl tcp"]
+
+    # DeepSpeed's slurm runner starts a file, and srun tasks learn the rendezvous from the exported environment.
+    _, cmd = dry_run(capsys, *common, "--launcher", "slurm", "--launcher-args=--mem=0")
+    assert cmd[:4] == ["PYTHONUNBUFFERED=1", "DS_MTP_PREPARED=1", "DS_MTP_SLURM=1", "MASTER_ADDR=node-a"]
+    assert cmd[4] == "MASTER_PORT=29500"
+    i = cmd.index(str(REPO / "launcher" / "rank.py"))
+    assert cmd[6:i] == ["--hostfile", hostfile, "--master_addr", "node-a", "--master_port", "29500", "--launcher",
+                        "slurm", "--no_ssh_check", "--launcher_args", "--mem=0"]
+    assert cmd[i + 1:i + 3] == ["train", "--run-dir"]
 
 
 @pytest.mark.skipif(find_executable("mpirun") is None, reason="no mpirun (pip install mpich)")
@@ -224,6 +233,30 @@ def test_missing_config_and_flag_misuse(tmp_path, token_data, capsys):
     assert "--node-rank 2: the hostfile has 2 node(s)" in one_line_error(
         capsys, *run, "--hostfile", hostfile, "--no-ssh", "--node-rank", "2", "--master-addr", "127.0.0.1",
         f"data.path={token_data}", *TINY)
+
+
+def test_slurm_tasks_take_rank_and_world_from_slurm_only_under_ds_mtp_launch(monkeypatch):
+    from ds_mtp.launch import inside_launch
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK",
+                "DS_MTP_SLURM"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert not inside_launch()  # `ds-mtp train` typed inside an allocation is a single process
+    monkeypatch.setenv("DS_MTP_SLURM", "1")
+    assert inside_launch()
+    assert [os.environ[v] for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK")] == ["3", "8", "1"]
+
+
+def test_rank_script_runs_the_cli_from_any_directory(tmp_path):
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(REPO / "launcher" / "rank.py"), "train", "--run-dir", str(tmp_path / "r"),
+                        "model.preset=tiny"], capture_output=True, text=True, cwd=tmp_path,
+                       env={k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "PYTHONPATH")})
+    assert r.returncode == 2 and r.stderr.startswith("error: no training data"), r.stderr
 
 
 def test_python_dash_m_launcher_is_ds_mtp_launch(tmp_path, token_data):
