@@ -282,6 +282,7 @@ def _assert_trained_3_steps_on_2_ranks(run: Path) -> list[dict]:
     assert rows[-1]["tokens"] == 3 * 2 * 4 * 32  # two data-parallel ranks
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step3"
+    assert all(0 <= r[f"acc_{k}"] <= 1 for r in rows for k in (1, 2)) and rows[-1]["peak_mem_gib"] > 0.1
     return rows
 
 
@@ -307,8 +308,26 @@ def test_two_nodes_without_ssh_train_3_steps_together(tmp_path, token_data):
 @pytest.mark.skipif(find_executable("mpirun") is None, reason="no mpirun (pip install mpich)")
 def test_mpirun_two_ranks_train_3_steps(tmp_path, token_data):
     run = tmp_path / "run"
-    r = run_cli("launch", "--launcher", "mpirun", "--nproc", "2", "--run-dir", str(run), f"data.path={token_data}",
-                *RUN)
+    r = run_cli("launch", "--launcher", "mpirun", "--nproc", "2", "--master-port", str(free_port()), "--run-dir",
+                str(run), f"data.path={token_data}", *RUN)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "mpirun -n 2" in r.stdout and "ZeRO-3, 2 rank(s)" in r.stdout
     _assert_trained_3_steps_on_2_ranks(run)
+
+
+# --- ds_configs/ ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_each_shipped_ds_config_is_documented_and_builds(path):
+    from ds_mtp.config import RunConfig
+    from ds_mtp.engine import build_ds_config
+
+    assert f"`{path.name}`" in (REPO / "ds_configs" / "README.md").read_text()
+    raw = json.loads(path.read_text())
+    cfg = RunConfig()
+    cfg.train.ds_config, cfg.train.zero_stage, cfg.train.grad_accum = str(path), raw["zero_optimization"]["stage"], 2
+    ds = build_ds_config(cfg, dp_size=3, gpu=False)
+    assert ds["train_batch_size"] == cfg.train.micro_batch * 2 * 3
+    assert ds["bf16"]["enabled"] == raw.get("bf16", {}).get("enabled", False)  # CPU: bf16 only where the file says
+    assert "optimizer" not in ds and "scheduler" not in ds
