@@ -23,12 +23,12 @@ def deepspeed_command(runner: list[str], train_args: list[str], *, master_port: 
     cmd = list(runner)
     if hostfile:
         cmd += ["--hostfile", hostfile]
-        if include:
-            cmd += ["--include", include]
-        if exclude:
-            cmd += ["--exclude", exclude]
-        if num_nodes:
-            cmd += ["--num_nodes", str(num_nodes)]
+    if include:
+        cmd += ["--include", include]
+    if exclude:
+        cmd += ["--exclude", exclude]
+    if num_nodes:
+        cmd += ["--num_nodes", str(num_nodes)]
     if nproc:
         cmd += ["--num_gpus", str(nproc)]
     if master_addr:

@@ -120,22 +120,7 @@ def plan_launch(o: LaunchOptions) -> tuple[Launch, object]:
     leads = not o.no_ssh or o.node_rank == 0
     if leads:
         checks.check_run_dir(Path(o.run_dir), o.resume)
-
-    single = not o.hostfile
-    master_here = _master_here(o, nodes)
-    port = o.master_port
-    if not port:
-        port = DEFAULT_MASTER_PORT
-        if single and not checks.port_is_free(port):
-            from ds_mtp.engine import free_port
-
-            port = free_port()  # nothing else has to agree on a single node's port
-    if master_here:
-        ports = {"--master-port": port}
-        if layout.teacher_ranks:
-            teacher = getattr(cfg, "teacher")
-            ports["teacher.port"] = getattr(teacher, "port", 0) or port + 1
-        checks.check_ports(ports)
+    port = _master_port(o, nodes, layout, cfg)
 
     # Without an address DeepSpeed asks the first host over ssh; under slurm that host is rank 0's node.
     master_addr = o.master_addr or (next(iter(nodes)) if o.launcher == "slurm" else "")
@@ -145,25 +130,55 @@ def plan_launch(o: LaunchOptions) -> tuple[Launch, object]:
     if o.launcher == "slurm":
         # srun --export=ALL hands these to every task; ds_mtp.launch.adopt_slurm_env maps SLURM_PROCID to RANK.
         env.update(DS_MTP_SLURM="1", MASTER_ADDR=master_addr, MASTER_PORT=str(port))
-    train_args = _train_args(o)
     if o.launcher == "mpirun":
-        checks.check_mpi4py()
-        mpirun = checks.find_executable("mpirun")
-        if mpirun is None:
-            raise UserError("mpirun not found: pip install mpich mpi4py, or load your cluster's MPI")
-        hosts = {h: len(s) for h, s in nodes.items()} if o.hostfile else None
-        command = mpirun_command(mpirun, checks.mpi_flavor(mpirun), train_args, world_size=world, hosts=hosts,
-                                 env={"MASTER_PORT": str(port), **env}, launcher_args=o.launcher_args)
+        command = _mpirun(o, nodes, world, port, env)
     else:
-        deepspeed = checks.find_executable("deepspeed")
-        runner = [deepspeed] if deepspeed else [sys.executable, "-m", "deepspeed.launcher.runner"]
-        command = deepspeed_command(
-            runner, train_args, master_port=port, nproc=o.nproc if o.hostfile else world,
-            hostfile=str(Path(o.hostfile).resolve()) if o.hostfile else "", include=o.include, exclude=o.exclude,
-            num_nodes=o.num_nodes, master_addr=master_addr, launcher=o.launcher,
-            launcher_args=o.launcher_args, no_ssh=o.no_ssh, node_rank=o.node_rank)
-    summary = _summary(o, nodes, layout, cfg)
-    return Launch(command, env, nodes, layout, port, leads, summary), cfg
+        command = _deepspeed(o, nodes, world, port, master_addr)
+    return Launch(command, env, nodes, layout, port, leads, _summary(o, nodes, layout, cfg)), cfg
+
+
+def _master_port(o: LaunchOptions, nodes: dict[str, list[int]], layout: checks.Layout, cfg) -> int:
+    """--master-port, else 29500 (a single node moves to a free port); checked when rank 0 runs here."""
+    port = o.master_port
+    if not port:
+        port = DEFAULT_MASTER_PORT
+        if not o.hostfile and not checks.port_is_free(port):
+            from ds_mtp.engine import free_port
+
+            port = free_port()  # nothing else has to agree on a single node's port
+    if _master_here(o, nodes):
+        ports = {"--master-port": port}
+        if layout.teacher_ranks:
+            ports["teacher.port"] = getattr(cfg.teacher, "port", 0) or port + 1
+        checks.check_ports(ports)
+    return port
+
+
+def _mpirun(o: LaunchOptions, nodes: dict[str, list[int]], world: int, port: int, env: dict) -> list[str]:
+    checks.check_mpi4py()
+    mpirun = checks.find_executable("mpirun")
+    if mpirun is None:
+        raise UserError("mpirun not found: pip install mpich mpi4py, or load your cluster's MPI")
+    hosts = {h: len(s) for h, s in nodes.items()} if o.hostfile else None
+    return mpirun_command(mpirun, checks.mpi_flavor(mpirun), _train_args(o), world_size=world, hosts=hosts,
+                          env={"MASTER_PORT": str(port), **env}, launcher_args=o.launcher_args)
+
+
+def _deepspeed(o: LaunchOptions, nodes: dict[str, list[int]], world: int, port: int, master_addr: str) -> list[str]:
+    deepspeed = checks.find_executable("deepspeed")
+    runner = [deepspeed] if deepspeed else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    if o.hostfile:
+        return deepspeed_command(runner, _train_args(o), master_port=port, nproc=o.nproc,
+                                 hostfile=str(Path(o.hostfile).resolve()), include=o.include, exclude=o.exclude,
+                                 num_nodes=o.num_nodes, master_addr=master_addr, launcher=o.launcher,
+                                 launcher_args=o.launcher_args, no_ssh=o.no_ssh, node_rank=o.node_rank)
+    # DeepSpeed drops CUDA_VISIBLE_DEVICES once --num_gpus is given and would take GPUs 0..N-1: name the
+    # visible ones instead.
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if visible and checks.local_gpu_count():
+        return deepspeed_command(runner, _train_args(o), master_port=port,
+                                 include="localhost:" + ",".join(visible[:world]), launcher_args=o.launcher_args)
+    return deepspeed_command(runner, _train_args(o), master_port=port, nproc=world, launcher_args=o.launcher_args)
 
 
 def _summary(o: LaunchOptions, nodes: dict[str, list[int]], layout: checks.Layout, cfg) -> str:

@@ -158,6 +158,18 @@ def test_multi_node_pdsh_no_ssh_and_back_end_commands(tmp_path, token_data, caps
     assert cmd[i + 1:i + 3] == ["train", "--run-dir"]
 
 
+def test_single_gpu_node_keeps_cuda_visible_devices(tmp_path, token_data, capsys, monkeypatch):
+    """DeepSpeed forgets CUDA_VISIBLE_DEVICES once --num_gpus is given: the launch names the visible GPUs."""
+    import launcher.checks
+
+    monkeypatch.setattr(launcher.checks, "local_gpu_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5,7")
+    _, cmd = dry_run(capsys, "--run-dir", str(tmp_path / "run"), "--nproc", "2", f"data.path={token_data}", *TINY)
+    assert cmd[3:5] == ["--include", "localhost:2,3"] and "--num_gpus" not in cmd
+    assert one_line_error(capsys, "--run-dir", str(tmp_path / "run"), "--nproc", "5", f"data.path={token_data}",
+                          *TINY).strip() == "error: --nproc 5: this node has 4 GPU(s)"
+
+
 @pytest.mark.skipif(find_executable("mpirun") is None, reason="no mpirun (pip install mpich)")
 def test_mpirun_dry_run_passes_the_port_to_every_rank(tmp_path, token_data, capsys):
     hostfile = write(tmp_path / "hostfile", "node-a slots=2\nnode-b slots=1\n")
