@@ -32,6 +32,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    from launcher import LaunchOptions, launch
+
+    options = {k: v for k, v in vars(args).items() if k in LaunchOptions.__dataclass_fields__}
+    return launch(LaunchOptions(**options))
+
+
 def cmd_demo(args) -> int:
     from ds_mtp.demo import run_demo
 
@@ -87,6 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="", help="data directory (meta.json + shards); same as data.path=DIR")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=200")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("launch", help="check a single-node, multi-node or MPI launch, print its command, and run it")
+    p.add_argument("--config", help="run config (YAML or JSON)")
+    p.add_argument("--run-dir", required=True, help="the run directory (shared by all nodes)")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="ranks on this node (default: its GPUs, or 1 on CPU); with --hostfile, ranks per node")
+    p.add_argument("--hostfile", default="", help="'HOST slots=N' per node: start ranks on several nodes")
+    p.add_argument("--include", default="", help="only these hosts/slots of the hostfile, e.g. node1@node2:0,1")
+    p.add_argument("--exclude", default="", help="all hosts/slots of the hostfile except these")
+    p.add_argument("--num-nodes", type=int, default=0, help="use the first N nodes of the hostfile")
+    p.add_argument("--launcher", default="pdsh", help="pdsh (deepspeed over ssh), openmpi, mpich or slurm "
+                   "(deepspeed's back-ends), or mpirun (ds-mtp runs mpirun; ranks found through mpi4py)")
+    p.add_argument("--launcher-args", default="", help="extra arguments for the back-end (pdsh/mpirun/srun)")
+    p.add_argument("--no-ssh", action="store_true", help="start only this node's ranks (run once per node)")
+    p.add_argument("--node-rank", type=int, default=-1, help="with --no-ssh: this node's index in the hostfile")
+    p.add_argument("--master-addr", default="", help="address of the node with rank 0")
+    p.add_argument("--master-port", type=int, default=0, help="rendezvous port (default 29500, checked to be free)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in RUN_DIR")
+    p.add_argument("--dry-run", action="store_true", help="check and print the command, start nothing")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=200")
+    p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("demo", help="NTP vs MTP vs LSE-MTP on the paper's USG world, evaluated on held-out pairs")
     p.add_argument("--run-dir", default="runs/demo")

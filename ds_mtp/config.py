@@ -125,6 +125,9 @@ class TrainConfig:
     """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"."""
     save_model: bool = True
     """At the end, write a consolidated model.safetensors + config.json under RUN_DIR/model."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one GPU at the training precision (e.g. 989 for an H100 SXM in bf16); with it the
+    metrics report MFU = achieved TFLOP/s per GPU / peak_tflops (0 = no MFU). GPU runs only."""
 
 
 @dataclass
@@ -285,6 +288,8 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"train.{name} must be at least 1 (got {getattr(t, name)})")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"train.precision must be auto, fp32 or bf16 (got '{t.precision}')")
+    if t.peak_tflops < 0:
+        raise UserError(f"train.peak_tflops must not be negative (got {t.peak_tflops})")
     if t.lr <= 0:
         raise UserError(f"train.lr must be positive (got {t.lr})")
     if cfg.data.sampling not in ("packed", "document"):

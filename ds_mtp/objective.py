@@ -34,6 +34,13 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+@torch.no_grad()
+def _accuracy(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Share of rows whose argmax is the target; counted in float32, which bf16 could not count exactly."""
+    correct = (logits.argmax(-1) == target).sum(dtype=torch.float32)
+    return correct / valid.sum(dtype=torch.float32).clamp(min=1)
+
+
 def _distance(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-position distance [N] between rows of pred and target [N, d]."""
     if kind == "mse":
@@ -49,7 +56,8 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
 
     hidden [B, T, d] final post-norm trunk states; head_hidden [B, K-1, T, d] (None when K = 1);
     tokens [B, T]; unembed [V, d]; embed [V, d]. Returns {"loss": scalar, "ce": [K], "latent": [K-1],
-    "semantic": [K-1]} (each a 0-dim tensor; a term without valid positions is 0).
+    "semantic": [K-1], "acc": [K]} (each a 0-dim tensor; a term without valid positions is 0). acc[k] is
+    head k's top-1 accuracy on V_k, a detached float32 for monitoring.
     """
     if distance not in ("mse", "cosine"):
         raise ValueError(f"distance must be 'mse' or 'cosine', got {distance!r}")
@@ -58,7 +66,7 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
     weights = head_weights if head_weights is not None else [1.0] * K
     sg_hidden = hidden.detach()
     sg_embed = embed.detach()
-    ce, latent, semantic = [], [], []
+    ce, latent, semantic, acc = [], [], [], []
     loss = hidden.new_zeros(())
     for k in range(1, K + 1):
         pred = (hidden if k == 1 else head_hidden[:, k - 2])[:, : T - k]  # [B, T-k, d]
@@ -72,6 +80,7 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
         ce_k = F.cross_entropy(_at_least_fp32(logits), target.index_select(0, rows),
                                reduction="sum") / count
         ce.append(ce_k)
+        acc.append(_accuracy(logits, target.index_select(0, rows), valid))
         loss = loss + weights[k - 1] * ce_k
         if k == 1:
             continue
@@ -82,4 +91,4 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
         latent.append(latent_k)
         semantic.append(semantic_k)
         loss = loss + lambda_latent * latent_k + lambda_semantic * semantic_k
-    return {"loss": loss, "ce": ce, "latent": latent, "semantic": semantic}
+    return {"loss": loss, "ce": ce, "latent": latent, "semantic": semantic, "acc": acc}

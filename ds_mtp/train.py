@@ -79,7 +79,11 @@ def _set_threads() -> None:
     """On CPU, give each local rank its share of the cores instead of letting every rank take all."""
     if torch.cuda.is_available():
         return
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    local_world = 1
+    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "WORLD_SIZE", "PMI_SIZE"):
+        if var in os.environ:  # deepspeed/torchrun, then Open MPI and MPICH (set before MPI discovery)
+            local_world = int(os.environ[var])
+            break
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
 
 
@@ -99,7 +103,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
 
     from ds_mtp.engine import build_engine, consolidated_state_dict, init_distributed
     from ds_mtp.model import count_parameters, save_exported
-    from ds_mtp.monitor import Monitor
+    from ds_mtp.monitor import Monitor, model_flops_per_token, peak_memory_gib
 
     run_dir = Path(run_dir)
     _quiet_libraries()
@@ -129,6 +133,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     monitor = Monitor(run_dir, resume_step=start_step, enabled=rank == 0)
     K = cfg.model.mtp_k
     tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * world
+    flops_per_token = model_flops_per_token(model, t.seq_len) if torch.cuda.is_available() else 0.0
     if rank == 0:
         print(f"[ds-mtp] {count_parameters(model):,} parameters, K={K} ({cfg.model.head_type}), ZeRO-{t.zero_stage}, "
               f"{world} rank(s) on {device}, {tokens_per_step} tokens/step, steps {start_step}->{t.max_steps}",
@@ -145,25 +150,33 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     for step in range(start_step, end_step):
         started = time.perf_counter()
         lr = engine.get_lr()[0]
-        sums = torch.zeros(1 + 3 * K, dtype=torch.float64)
+        sums = torch.zeros(1 + 4 * K, dtype=torch.float64)
         for micro in range(t.grad_accum):
             batch = sampler.batch(step * t.grad_accum + micro)
             out = engine(batch.tokens.to(device), batch.doc_ids.to(device))
             engine.backward(out["loss"])
             engine.step()
-            terms = [out["loss"], *out["ce"], *out["latent"], *out["semantic"]]
+            terms = [out["loss"], *out["ce"], *out["latent"], *out["semantic"], *out["acc"]]
             sums[: len(terms)] += torch.stack([x.detach().float().cpu() for x in terms]).double()
         if world > 1:
             dist.all_reduce(sums)
         sums /= t.grad_accum * world
         grad_norm = engine.get_global_grad_norm()
         elapsed = time.perf_counter() - started
+        peak = torch.tensor([peak_memory_gib()], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the rank closest to running out
         row = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": sums[0].item()}
         row.update({f"ce_{k}": sums[k].item() for k in range(1, K + 1)})
         row.update({f"latent_{k}": sums[K + k - 1].item() for k in range(2, K + 1)})
         row.update({f"semantic_{k}": sums[2 * K + k - 2].item() for k in range(2, K + 1)})
+        row.update({f"acc_{k}": sums[3 * K + k - 2].item() for k in range(1, K + 1)})
         row.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
-                   tokens_per_s=tokens_per_step / elapsed)
+                   tokens_per_s=tokens_per_step / elapsed, peak_mem_gib=peak.item())
+        if flops_per_token:
+            row["tflops_per_gpu"] = flops_per_token * tokens_per_step / elapsed / world / 1e12
+            if t.peak_tflops:
+                row["mfu"] = row["tflops_per_gpu"] / t.peak_tflops
         monitor.log(row)
         last = row
         if rank == 0 and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps):
