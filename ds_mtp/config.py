@@ -79,6 +79,11 @@ class ObjectiveConfig:
     """Distance of the latent and semantic terms: "mse" or "cosine" (1 - cosine similarity)."""
     head_weights: list | None = None
     """Per-head cross-entropy weights w_1..w_K; null = all ones."""
+    loss_impl: str = "chunked"
+    """Cross-entropy over the heads: "chunked" (row chunks, gradients formed in the forward pass; never more
+    than chunk_rows × V logits alive) or "materialized" (every head's [tokens, V] logits kept for backward)."""
+    chunk_rows: int = 0
+    """Rows decoded at once by the chunked loss; 0 = auto (about 2^25 / vocab_size, at least 256)."""
 
 
 @dataclass
@@ -268,6 +273,10 @@ def validate(cfg: RunConfig) -> None:
                         f"lambda_semantic={o.lambda_semantic})")
     if o.distance not in ("mse", "cosine"):
         raise UserError(f"objective.distance must be mse or cosine (got '{o.distance}')")
+    if o.loss_impl not in ("chunked", "materialized"):
+        raise UserError(f"objective.loss_impl must be chunked or materialized (got '{o.loss_impl}')")
+    if o.chunk_rows < 0:
+        raise UserError(f"objective.chunk_rows must be 0 (auto) or positive (got {o.chunk_rows})")
     if o.head_weights is not None and len(o.head_weights) != m.mtp_k:
         raise UserError(f"objective.head_weights has {len(o.head_weights)} entries, expected K={m.mtp_k}")
     if t.zero_stage not in (0, 1, 2, 3):

@@ -1,0 +1,104 @@
+"""Linear + cross-entropy without keeping a [rows, V] logit matrix alive.
+
+``linear_cross_entropy(x, weight, target, row_scale)`` returns Σ_i row_scale_i · CE(weight · x_i, target_i)
+as the materialised ``(x @ weight.T)`` → ``F.cross_entropy`` would, but walks the rows in chunks and
+forms both gradients (w.r.t. x and weight) in the forward pass, as fused linear + cross-entropy kernels
+do. Only one chunk's logits exist at a time, and backward only scales the stored gradients by the
+incoming scalar, so nothing is recomputed: the arithmetic is the materialised forward + backward.
+
+Why forward-time gradients instead of recomputing in backward (torch.utils.checkpoint): recomputation
+costs a third more matmul work, and under ZeRO-3 the (tied) unembedding is a gathered parameter that
+may be released again before backward; storing its gradient needs no second gather.
+
+The result is differentiable as one scalar. Per-row losses come back detached (for metrics).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOGITS_PER_CHUNK = 1 << 25
+"""Auto chunking aims at this many logits per chunk (128 MiB in fp32)."""
+MIN_AUTO_CHUNK = 256
+
+
+def auto_chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk when the config says 0: large vocabularies get short chunks, small ones long."""
+    return max(MIN_AUTO_CHUNK, LOGITS_PER_CHUNK // max(1, vocab_size))
+
+
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _chunk(x, weight, target, scale, need_x: bool, need_weight: bool):
+    """One chunk of n rows: per-row CE [n] and, where asked, d(Σ scale·CE)/dx [n, d] and /dweight [V, d]."""
+    acc = _accumulation_dtype(x)
+    logits = (x @ weight.t()).to(acc)  # [n, V]
+    lse = torch.logsumexp(logits, dim=-1)  # [n]
+    ce_rows = lse - logits.gather(1, target[:, None]).squeeze(1)
+    if not (need_x or need_weight):
+        return ce_rows, None, None
+    # dCE/dlogits = softmax − onehot, built in place on the logits buffer so one [n, V] tensor is alive.
+    grad_logits = logits.sub_(lse[:, None]).exp_()
+    grad_logits[torch.arange(len(target), device=target.device), target] -= 1.0
+    grad_logits = grad_logits.mul_(scale.to(acc)[:, None]).to(x.dtype)
+    grad_x = grad_logits @ weight if need_x else None  # [n, d]
+    grad_weight = (grad_logits.t() @ x).to(acc) if need_weight else None  # [V, d]
+    return ce_rows, grad_x, grad_weight
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, target, row_scale, chunk_rows: int, need_x: bool, need_weight: bool):
+        n, acc = x.shape[0], _accumulation_dtype(x)
+        ce_rows = torch.empty(n, dtype=acc, device=x.device)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        for start in range(0, n, chunk_rows):
+            rows = slice(start, min(n, start + chunk_rows))
+            ce_rows[rows], gx, gw = _chunk(x[rows], weight, target[rows], row_scale[rows], need_x, need_weight)
+            if need_x:
+                grad_x[rows] = gx
+            if need_weight:
+                grad_weight += gw
+        # Saved (not kept as attributes) so autograd frees them after backward unless retain_graph is set:
+        # the loss tensor, and with it this node, may outlive the step.
+        ctx.save_for_backward(grad_x, grad_weight.to(weight.dtype) if need_weight else None)
+        ctx.mark_non_differentiable(ce_rows)
+        return (ce_rows * row_scale.to(acc)).sum(), ce_rows
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce_rows):
+        grad_x, grad_weight = ctx.saved_tensors
+        if grad_x is not None:
+            grad_x = grad_x * grad_loss.to(grad_x.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+        return grad_x, grad_weight, None, None, None, None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         row_scale: torch.Tensor, chunk_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, d], weight [V, d], target [N] (ids), row_scale [N] → (Σ row_scale·CE as a 0-dim tensor, CE [N]).
+
+    chunk_rows: rows whose logits exist at once (0 = auto_chunk_rows(V)). Gradients are formed in the
+    forward pass only when autograd will need them (grad mode on and x or weight requiring grad).
+    """
+    if chunk_rows < 0:
+        raise ValueError(f"chunk_rows must be >= 0, got {chunk_rows}")
+    chunk_rows = chunk_rows or auto_chunk_rows(weight.shape[0])
+    grad_on = torch.is_grad_enabled()
+    if x.shape[0] == 0:  # keep the graph connected so backward still reaches x and weight (with zeros)
+        acc = _accumulation_dtype(x)
+        return (x.sum() + weight.sum()).to(acc) * 0.0, x.new_zeros(0, dtype=acc)
+    return _LinearCrossEntropy.apply(x, weight, target, row_scale.detach(), chunk_rows,
+                                     grad_on and x.requires_grad, grad_on and weight.requires_grad)
+
+
+def materialized_cross_entropy(x, weight, target, row_scale):
+    """The reference: all logits at once, autograd keeps them for backward. Same signature and result."""
+    acc = _accumulation_dtype(x)
+    ce_rows = F.cross_entropy((x @ weight.t()).to(acc), target, reduction="none")
+    return (ce_rows * row_scale.to(acc)).sum(), ce_rows.detach()
