@@ -83,7 +83,8 @@ class ObjectiveConfig:
     """Cross-entropy over the heads: "chunked" (row chunks, gradients formed in the forward pass; never more
     than chunk_rows × V logits alive) or "materialized" (every head's [tokens, V] logits kept for backward)."""
     chunk_rows: int = 0
-    """Rows decoded at once by the chunked loss; 0 = auto (about 2^25 / vocab_size, at least 256)."""
+    """Rows decoded at once by the chunked loss; 0 = auto (a chunk's logits about the size of the decoded
+    hidden states: rows × d_model / vocab_size, at least 256)."""
 
 
 @dataclass

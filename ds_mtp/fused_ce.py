@@ -18,35 +18,41 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOGITS_PER_CHUNK = 1 << 25
-"""Auto chunking aims at this many logits per chunk (128 MiB in fp32)."""
 MIN_AUTO_CHUNK = 256
 
 
-def auto_chunk_rows(vocab_size: int) -> int:
-    """Rows per chunk when the config says 0: large vocabularies get short chunks, small ones long."""
-    return max(MIN_AUTO_CHUNK, LOGITS_PER_CHUNK // max(1, vocab_size))
+def auto_chunk_rows(rows: int, dim: int, vocab_size: int) -> int:
+    """Rows per chunk when the config says 0: a chunk's logits [n, V] hold about as many numbers as the
+    input x [rows, d], so the loss never needs much more memory than its input (and at least 256 rows,
+    so each matmul stays large enough to run efficiently)."""
+    return max(MIN_AUTO_CHUNK, -(-rows * dim // max(1, vocab_size)))
 
 
 def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _chunk(x, weight, target, scale, need_x: bool, need_weight: bool):
-    """One chunk of n rows: per-row CE [n] and, where asked, d(Σ scale·CE)/dx [n, d] and /dweight [V, d]."""
+def _chunk(x, weight, target, scale, need_grad: bool):
+    """One chunk of n rows: per-row CE [n] and, if asked, d(Σ scale·CE)/dlogits [n, V] in x's dtype."""
     acc = _accumulation_dtype(x)
     logits = (x @ weight.t()).to(acc)  # [n, V]
     lse = torch.logsumexp(logits, dim=-1)  # [n]
     ce_rows = lse - logits.gather(1, target[:, None]).squeeze(1)
-    if not (need_x or need_weight):
-        return ce_rows, None, None
-    # dCE/dlogits = softmax − onehot, built in place on the logits buffer so one [n, V] tensor is alive.
+    if not need_grad:
+        return ce_rows, None
+    # softmax − onehot, built in place on the logits buffer so one [n, V] tensor is alive.
     grad_logits = logits.sub_(lse[:, None]).exp_()
     grad_logits[torch.arange(len(target), device=target.device), target] -= 1.0
-    grad_logits = grad_logits.mul_(scale.to(acc)[:, None]).to(x.dtype)
-    grad_x = grad_logits @ weight if need_x else None  # [n, d]
-    grad_weight = (grad_logits.t() @ x).to(acc) if need_weight else None  # [V, d]
-    return ce_rows, grad_x, grad_weight
+    return ce_rows, grad_logits.mul_(scale.to(acc)[:, None]).to(x.dtype)
+
+
+_chunk_kernel = _chunk
+
+
+def compile_chunk_kernel(enabled: bool = True) -> None:
+    """Run each chunk's softmax/one-hot/scale through torch.compile (fuses the passes; pays on GPU)."""
+    global _chunk_kernel
+    _chunk_kernel = torch.compile(_chunk, dynamic=True) if enabled else _chunk
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -58,11 +64,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         for start in range(0, n, chunk_rows):
             rows = slice(start, min(n, start + chunk_rows))
-            ce_rows[rows], gx, gw = _chunk(x[rows], weight, target[rows], row_scale[rows], need_x, need_weight)
+            ce_rows[rows], grad_logits = _chunk_kernel(x[rows], weight, target[rows], row_scale[rows],
+                                                       need_x or need_weight)
             if need_x:
-                grad_x[rows] = gx
-            if need_weight:
-                grad_weight += gw
+                torch.mm(grad_logits, weight, out=grad_x[rows])  # [n, d]
+            if need_weight and grad_weight.dtype == x.dtype:
+                grad_weight.addmm_(grad_logits.t(), x[rows])  # [V, d]
+            elif need_weight:  # low-precision products, summed over chunks in fp32
+                grad_weight += grad_logits.t() @ x[rows]
         # Saved (not kept as attributes) so autograd frees them after backward unless retain_graph is set:
         # the loss tensor, and with it this node, may outlive the step.
         ctx.save_for_backward(grad_x, grad_weight.to(weight.dtype) if need_weight else None)
@@ -83,13 +92,19 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
                          row_scale: torch.Tensor, chunk_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, d], weight [V, d], target [N] (ids), row_scale [N] → (Σ row_scale·CE as a 0-dim tensor, CE [N]).
 
-    chunk_rows: rows whose logits exist at once (0 = auto_chunk_rows(V)). Gradients are formed in the
+    chunk_rows: rows whose logits exist at once (0 = auto_chunk_rows(N, d, V)). Gradients are formed in the
     forward pass only when autograd will need them (grad mode on and x or weight requiring grad).
     """
     if chunk_rows < 0:
         raise ValueError(f"chunk_rows must be >= 0, got {chunk_rows}")
-    chunk_rows = chunk_rows or auto_chunk_rows(weight.shape[0])
+    chunk_rows = chunk_rows or auto_chunk_rows(x.shape[0], x.shape[1], weight.shape[0])
     grad_on = torch.is_grad_enabled()
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Cast here (differentiably) and run the chunks without autocast, whose dtype rules skip out= matmuls.
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return linear_cross_entropy(x.to(dtype), weight.to(dtype), target, row_scale, chunk_rows)
     if x.shape[0] == 0:  # keep the graph connected so backward still reaches x and weight (with zeros)
         acc = _accumulation_dtype(x)
         return (x.sum() + weight.sum()).to(acc) * 0.0, x.new_zeros(0, dtype=acc)

@@ -120,3 +120,21 @@ def test_config_rejects_bad_loss_impl_and_chunk_rows():
         load_config(None, ["objective.loss_impl=fused"])
     with pytest.raises(UserError, match="objective.chunk_rows"):
         load_config(None, ["objective.chunk_rows=-1"])
+
+
+def test_autocast_bf16_runs_in_low_precision_and_returns_fp32_gradients():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    y, s = torch.randint(0, 50, (40,), generator=g), torch.full((40,), 1 / 40)
+    grads = {}
+    for name, fn in (("chunked", lambda: linear_cross_entropy(x, w, y, s, chunk_rows=16)),
+                     ("materialized", lambda: materialized_cross_entropy(x, w, y, s))):
+        x.grad = w.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = fn()
+        loss.backward()
+        grads[name] = loss.detach(), x.grad, w.grad
+    assert grads["chunked"][1].dtype == grads["chunked"][2].dtype == torch.float32
+    for a, b in zip(grads["chunked"], grads["materialized"]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
