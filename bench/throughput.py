@@ -123,24 +123,17 @@ def model_flops_per_token(model, spec: dict, seq_len: int) -> float:
     return 6 * (linear + spec["K"] * cfg.vocab_size * cfg.d_model) + 12 * attention_layers * cfg.d_model * seq_len
 
 
-def run_one(spec: dict, shape: dict, args) -> dict:
+def build(spec: dict, shape: dict, args):
+    """The model, optimizer and one training step of a configuration. Returns (step, model, batches)."""
     import torch
 
-    from ds_mtp.config import ModelConfig, ObjectiveConfig, RunConfig, TrainConfig
+    from ds_mtp.config import PRESETS, ModelConfig, ObjectiveConfig, RunConfig, TrainConfig
     from ds_mtp.model import MTPModel
 
     cuda = args.device == "cuda"
-    rss_start = None if cuda else rss_bytes()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
-    mcfg = ModelConfig(**{**shape["model"], "mtp_k": spec["K"], "head_type": spec["head_type"]})
-    if mcfg.preset:
-        from ds_mtp.config import PRESETS
-
-        mcfg = ModelConfig(**{**PRESETS[mcfg.preset], **shape["model"], "mtp_k": spec["K"],
-                              "head_type": spec["head_type"]})
+    preset = PRESETS.get(shape["model"].get("preset", ""), {})
+    mcfg = ModelConfig(**{**preset, **shape["model"], "mtp_k": spec["K"], "head_type": spec["head_type"]})
     lam = 0.1 if spec["lse"] else 0.0
     ocfg = ObjectiveConfig(lambda_latent=lam, lambda_semantic=lam, loss_impl=spec["loss_impl"],
                            chunk_rows=args.chunk_rows)
@@ -164,48 +157,76 @@ def run_one(spec: dict, shape: dict, args) -> dict:
             out = engine(tokens, doc_ids)
             engine.backward(out["loss"])
             engine.step()
-    else:
-        from ds_mtp.engine import param_groups
+        return step, model, batches
 
-        model = MTPModel(mcfg, ocfg).to(device)
-        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, fused=cuda)
-        loss_fn = (lambda m, x, d: plain_loss(m, x, d, lam)) if spec["plain"] else (lambda m, x, d: m(x, d)["loss"])
-        if spec["compile"]:
-            if spec["plain"]:
-                loss_fn = torch.compile(loss_fn)
-            else:  # the trunk and heads compile whole; the loss is data-dependent (valid rows), so its chunks do
-                for block in model.blocks:
-                    block.compile()
-                model.heads.compile()
-                if spec["loss_impl"] == "chunked":
-                    from ds_mtp.fused_ce import compile_chunk_kernel
+    from ds_mtp.engine import param_groups
 
-                    compile_chunk_kernel()
+    model = MTPModel(mcfg, ocfg).to(device)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, fused=cuda)
+    loss_fn = (lambda m, x, d: plain_loss(m, x, d, lam)) if spec["plain"] else (lambda m, x, d: m(x, d)["loss"])
+    if spec["compile"]:
+        if spec["plain"]:
+            loss_fn = torch.compile(loss_fn)
+        else:  # trunk and heads compile whole; the loss picks valid rows (data-dependent), so its chunks do
+            for block in model.blocks:
+                block.compile()
+            model.heads.compile()
+            if spec["loss_impl"] == "chunked":
+                from ds_mtp.fused_ce import compile_chunk_kernel
 
-        def step(tokens):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                loss = loss_fn(model, tokens, doc_ids)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+                compile_chunk_kernel()
 
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    times = []
+    def step(tokens):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss = loss_fn(model, tokens, doc_ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, model, batches
+
+
+def timed_step(step, tokens, cuda: bool) -> tuple[float, float]:
+    """(wall seconds, this thread's CPU seconds) of one step."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.thread_time()
+    step(tokens)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - wall, time.thread_time() - cpu
+
+
+def summarise(spec: dict, shape: dict, model, walls: list, cpus: list, peak: int) -> dict:
+    ms = 1000 * statistics.median(walls)
+    return dict(config=spec["name"], ms_per_step=ms, cpu_ms_per_step=1000 * statistics.median(cpus),
+                tokens_per_s=shape["batch"] * shape["seq_len"] / (ms / 1000), peak_bytes=peak,
+                flops_per_token=model_flops_per_token(model, spec, shape["seq_len"]),
+                parameters=sum(p.numel() for p in model.parameters()))
+
+
+def run_one(spec: dict, shape: dict, args) -> dict:
+    """Build, warm up and time one configuration alone; peak memory is this configuration's."""
+    import torch
+
+    cuda = args.device == "cuda"
+    rss_start = None if cuda else rss_bytes()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    step, model, batches = build(spec, shape, args)
+    walls, cpus = [], []
     for i in range(args.warmup + args.steps):
-        sync()
-        started = time.perf_counter()
-        step(batches[i % len(batches)])
-        sync()
+        wall, cpu = timed_step(step, batches[i % len(batches)], cuda)
         if i >= args.warmup:
-            times.append(time.perf_counter() - started)
-    ms = 1000 * statistics.median(times)
+            walls.append(wall)
+            cpus.append(cpu)
     if cuda:
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_start
-    result = dict(config=spec["name"], ms_per_step=ms, tokens_per_s=B * T / (ms / 1000), peak_bytes=peak,
-                  flops_per_token=model_flops_per_token(model, spec, T),
-                  parameters=sum(p.numel() for p in model.parameters()))
+    result = summarise(spec, shape, model, walls, cpus, peak)
     if cuda:
         del model, step
         torch.cuda.empty_cache()
@@ -213,6 +234,20 @@ def run_one(spec: dict, shape: dict, args) -> dict:
 
         compile_chunk_kernel(False)
     return result
+
+
+def run_interleaved(specs: list[dict], shape: dict, args) -> dict:
+    """CPU timing: every configuration built in this process and stepped in turn, round after round, so
+    load from other processes on a shared machine falls on all of them alike. {name: (walls, cpus, model)}."""
+    built = {s["name"]: build(s, shape, args) for s in specs}
+    times = {name: ([], []) for name in built}
+    for i in range(args.warmup + args.steps):
+        for name, (step, _, batches) in built.items():
+            wall, cpu = timed_step(step, batches[i % len(batches)], False)
+            if i >= args.warmup:
+                times[name][0].append(wall)
+                times[name][1].append(cpu)
+    return {name: (*times[name], built[name][1]) for name in built}
 
 
 def matmul_peak_tflops(n: int = 8192, reps: int = 20) -> float:
@@ -235,20 +270,24 @@ def matmul_peak_tflops(n: int = 8192, reps: int = 20) -> float:
 
 
 def child_command(name: str, args) -> list[str]:
+    """A process that measures one configuration's peak memory (one warm-up step and one step)."""
     return [sys.executable, __file__, "--one", name, "--shape", args.shape, "--device", args.device,
-            "--engine", args.engine, "--zero-stage", str(args.zero_stage), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--chunk-rows", str(args.chunk_rows)]
+            "--engine", args.engine, "--zero-stage", str(args.zero_stage), "--steps", "1", "--warmup", "1",
+            "--chunk-rows", str(args.chunk_rows)]
 
 
-def table(rows: list[dict], peak_tflops: float | None) -> str:
+def table(rows: list[dict], peak_tflops: float | None, cpu: bool) -> str:
+    """Markdown; × columns are ratios to the first row."""
     base = rows[0] if rows and "ms_per_step" in rows[0] else None
-    head = "| configuration | ms/step | tokens/s | peak MiB | × ms | × memory |" + (" MFU |" if peak_tflops else "")
-    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    head = ["configuration", "ms/step", *(["CPU ms/step"] if cpu else []), "tokens/s", "peak MiB", "× ms",
+            "× memory", *(["MFU"] if peak_tflops else [])]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['config']} | failed: {r['error']} |")
             continue
-        cells = [r["config"], f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['peak_bytes'] / 2**20:,.0f}",
+        cells = [r["config"], f"{r['ms_per_step']:.1f}", *([f"{r['cpu_ms_per_step']:.1f}"] if cpu else []),
+                 f"{r['tokens_per_s']:,.0f}", f"{r['peak_bytes'] / 2**20:,.0f}",
                  f"{r['ms_per_step'] / base['ms_per_step']:.2f}" if base else "",
                  f"{r['peak_bytes'] / base['peak_bytes']:.2f}" if base and base["peak_bytes"] > 0 else ""]
         if peak_tflops:
@@ -293,7 +332,7 @@ def main(argv=None) -> int:
                 row = run_one(spec, shape, args)
             except Exception as e:  # one failing configuration must not lose the others' figures
                 row = dict(config=spec["name"], error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
-        else:
+        else:  # peak memory needs a process of its own; its timing is replaced by the interleaved one below
             proc = subprocess.run(child_command(spec["name"], args), capture_output=True, text=True)
             found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not found:
@@ -305,6 +344,12 @@ def main(argv=None) -> int:
         print(f"{spec['name']}: " + (row.get("error") or f"{row['ms_per_step']:.1f} ms/step, "
                                       f"{row['peak_bytes'] / 2**20:.0f} MiB peak") + f" ({time.perf_counter() - t0:.0f} s)",
               flush=True)
+    if not cuda:
+        ok = [s for s, r in zip(specs, rows) if "error" not in r]
+        print(f"timing {len(ok)} configurations interleaved, {args.warmup} + {args.steps} rounds", flush=True)
+        for name, (walls, cpus, model) in run_interleaved(ok, shape, args).items():
+            i = next(j for j, r in enumerate(rows) if r["config"] == name)
+            rows[i] = {**summarise(specs[i], shape, model, walls, cpus, rows[i]["peak_bytes"])}
     if args.json:
         Path(args.json).write_text(json.dumps(dict(rows=rows, peak_tflops=peak_tflops, args=vars(args)), indent=1))
     import torch
@@ -312,7 +357,7 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"\n{args.shape}, {args.engine} runner, {where}, torch {torch.__version__}, "
           f"median of {args.steps} steps after {args.warmup} warm-up")
-    print(table(rows, peak_tflops))
+    print(table(rows, peak_tflops, cpu=not cuda))
     return 1 if any("error" in r and not r["error"].startswith("skipped") for r in rows) else 0
 
 
