@@ -330,8 +330,11 @@ def main(argv=None) -> int:
         if cuda:  # in-process: a CUDA start per configuration would cost more than the measurement
             try:
                 row = run_one(spec, shape, args)
+            except KeyboardInterrupt:  # a hard time limit (timeout -s INT): still print what was measured
+                rows.append(dict(config=spec["name"], error="interrupted"))
+                break
             except Exception as e:  # one failing configuration must not lose the others' figures
-                row = dict(config=spec["name"], error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                row = dict(config=spec["name"], error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}")
         else:  # peak memory needs a process of its own; its timing is replaced by the interleaved one below
             proc = subprocess.run(child_command(spec["name"], args), capture_output=True, text=True)
             found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
