@@ -344,9 +344,8 @@ def main(argv=None) -> int:
             else:
                 row = json.loads(found[-1].removeprefix("RESULT "))
         rows.append(row)
-        print(f"{spec['name']}: " + (row.get("error") or f"{row['ms_per_step']:.1f} ms/step, "
-                                      f"{row['peak_bytes'] / 2**20:.0f} MiB peak") + f" ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
+        measured = (f"{row['ms_per_step']:.1f} ms/step, " if cuda else "") + f"{row.get('peak_bytes', 0) / 2**20:.0f} MiB peak"
+        print(f"{spec['name']}: {row.get('error') or measured} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if not cuda:
         ok = [s for s, r in zip(specs, rows) if "error" not in r]
         print(f"timing {len(ok)} configurations interleaved, {args.warmup} + {args.steps} rounds", flush=True)
@@ -357,7 +356,7 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(dict(rows=rows, peak_tflops=peak_tflops, args=vars(args)), indent=1))
     import torch
 
-    where = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    where = torch.cuda.get_device_name() if cuda else f"{platform.machine()}, {os.cpu_count()} cores"
     print(f"\n{args.shape}, {args.engine} runner, {where}, torch {torch.__version__}, "
           f"median of {args.steps} steps after {args.warmup} warm-up")
     print(table(rows, peak_tflops, cpu=not cuda))
