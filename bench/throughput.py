@@ -344,7 +344,9 @@ def main(argv=None) -> int:
             else:
                 row = json.loads(found[-1].removeprefix("RESULT "))
         rows.append(row)
-        measured = (f"{row['ms_per_step']:.1f} ms/step, " if cuda else "") + f"{row.get('peak_bytes', 0) / 2**20:.0f} MiB peak"
+        measured = f"{row.get('peak_bytes', 0) / 2**20:.0f} MiB peak"
+        if cuda and "ms_per_step" in row:
+            measured = f"{row['ms_per_step']:.1f} ms/step, {measured}"
         print(f"{spec['name']}: {row.get('error') or measured} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if not cuda:
         ok = [s for s, r in zip(specs, rows) if "error" not in r]
