@@ -37,10 +37,10 @@ part() {  # part NAME SECONDS ARGS...: one bench run under a hard timeout; its t
 }
 
 # The bar first (compiled plain PyTorch, all heads' logits kept), then ds-mtp's chunked loss.
-part gpt2-plain 170 --shape gpt2 --steps 10 --warmup 3 --budget-s 130 \
+part gpt2-plain 150 --shape gpt2 --steps 10 --warmup 3 --budget-s 115 \
   --configs plain-ntp+compile,plain-lse4+compile,ntp,lse4-linear,lse4-linear+compile,ntp+compile,lse4-linear:materialized,plain-lse4,lse4-block,lse4-sequential
-part gpt2-deepspeed 55 --shape gpt2 --engine deepspeed --zero-stage 1 --steps 10 --warmup 3 --budget-s 30 \
-  --configs ntp,lse4-linear
+part gpt2-deepspeed 75 --shape gpt2 --engine deepspeed --zero-stage 1 --steps 10 --warmup 3 --budget-s 45 \
+  --configs ntp,lse4-linear,lse4-linear+compile,ntp+compile
 part paper-graph 50 --shape paper-graph --steps 20 --warmup 3 --budget-s 30 \
   --configs plain-ntp+compile,plain-lse4+compile,ntp,lse4-linear,lse4-linear:materialized,ntp+compile,lse4-linear+compile
 

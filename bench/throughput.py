@@ -147,11 +147,9 @@ def build(spec: dict, shape: dict, args):
         from ds_mtp.engine import build_engine, init_distributed
 
         init_distributed()
-        cfg = RunConfig(model=mcfg, objective=ocfg, train=TrainConfig(seq_len=T, micro_batch=B, max_steps=10 ** 6,
-                                                                      zero_stage=args.zero_stage))
-        engine, model = build_engine(cfg, None)
-        if spec["compile"]:
-            engine.compile()
+        train = TrainConfig(seq_len=T, micro_batch=B, max_steps=10 ** 6, zero_stage=args.zero_stage,
+                            compile="always" if spec["compile"] else "never")
+        engine, model = build_engine(RunConfig(model=mcfg, objective=ocfg, train=train), None)
 
         def step(tokens):
             out = engine(tokens, doc_ids)

@@ -129,6 +129,9 @@ class TrainConfig:
     """DeepSpeed JSON config; "" picks ds_configs/zero3.json (or pipeline_zero1.json with a pipeline)."""
     precision: str = "auto"
     """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"."""
+    compile: str = "never"
+    """torch.compile the model through DeepSpeed's engine.compile(): "never", "gpu" (only when training on
+    GPU, where it pays) or "always"."""
     save_model: bool = True
     """At the end, write a consolidated model.safetensors + config.json under RUN_DIR/model."""
 
@@ -293,6 +296,8 @@ def validate(cfg: RunConfig) -> None:
     for name in ("max_steps", "micro_batch", "grad_accum", "seq_len"):
         if getattr(t, name) < 1:
             raise UserError(f"train.{name} must be at least 1 (got {getattr(t, name)})")
+    if t.compile not in ("never", "gpu", "always"):
+        raise UserError(f"train.compile must be never, gpu or always (got '{t.compile}')")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"train.precision must be auto, fp32 or bf16 (got '{t.precision}')")
     if t.lr <= 0:

@@ -120,6 +120,9 @@ def test_config_rejects_bad_loss_impl_and_chunk_rows():
         load_config(None, ["objective.loss_impl=fused"])
     with pytest.raises(UserError, match="objective.chunk_rows"):
         load_config(None, ["objective.chunk_rows=-1"])
+    assert load_config(None, ["train.compile=gpu"]).train.compile == "gpu"
+    with pytest.raises(UserError, match="train.compile must be never, gpu or always"):
+        load_config(None, ["train.compile=sometimes"])
 
 
 def test_autocast_bf16_runs_in_low_precision_and_returns_fp32_gradients():
