@@ -131,6 +131,8 @@ def build(spec: dict, shape: dict, args):
     from ds_mtp.model import MTPModel
 
     cuda = args.device == "cuda"
+    if spec["compile"]:  # every configuration builds new modules: recompile for them rather than fall back to eager
+        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     torch.manual_seed(0)
     preset = PRESETS.get(shape["model"].get("preset", ""), {})
     mcfg = ModelConfig(**{**preset, **shape["model"], "mtp_k": spec["K"], "head_type": spec["head_type"]})
@@ -163,8 +165,6 @@ def build(spec: dict, shape: dict, args):
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, fused=cuda)
     loss_fn = (lambda m, x, d: plain_loss(m, x, d, lam)) if spec["plain"] else (lambda m, x, d: m(x, d)["loss"])
     if spec["compile"]:
-        # Every configuration builds new modules; let recompiles for them through instead of falling back to eager.
-        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
         if spec["plain"]:
             loss_fn = torch.compile(loss_fn)
         else:  # trunk and heads compile whole; the loss picks valid rows (data-dependent), so its chunks do
