@@ -44,5 +44,9 @@ part gpt2-deepspeed 75 --shape gpt2 --engine deepspeed --zero-stage 1 --steps 10
 part paper-graph 50 --shape paper-graph --steps 20 --warmup 3 --budget-s 30 \
   --configs plain-ntp+compile,plain-lse4+compile,ntp,lse4-linear,lse4-linear:materialized,ntp+compile,lse4-linear+compile
 
+echo; echo "=== loader ($(date -u +%H:%M:%S))"
+{ echo "### loader, paper set-up (this machine's CPU)"; echo
+  timeout 30 python3 bench/loader.py --seconds 2 | sed -n '/^| loader/,$p'; echo; } | tee -a "$summary"
+
 echo; echo "=== summary ($(date -u +%Y-%m-%d), $(python3 -c 'import torch; print(torch.cuda.get_device_name())'))"
 cat "$summary"

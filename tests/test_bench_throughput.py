@@ -53,3 +53,13 @@ def test_tiny_cpu_run_prints_a_table(tmp_path, capsys, monkeypatch):
     rows = json.loads(out.read_text())["rows"]
     assert [r["config"] for r in rows] == ["ntp:materialized", "lse4-sequential"]
     assert all(r["ms_per_step"] > 0 and r["peak_bytes"] == 2**20 for r in rows)
+
+
+def test_loader_bench_checks_both_loaders_agree(capsys):
+    spec = importlib.util.spec_from_file_location("loader", REPO / "bench" / "loader.py")
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+    for mode in ("document", "packed"):
+        assert loader.main(["--documents", "300", "--batch", "4", "--seq-len", "16", "--mode", mode,
+                            "--seconds", "0.05"]) == 0
+        assert "| WindowSampler (vectorised) |" in capsys.readouterr().out
