@@ -10,7 +10,9 @@ doc[t] == doc[t+k]}:
     loss        = Σ_k w_k ce[k] + λ_l Σ_k latent[k] + λ_s Σ_k semantic[k]
 
 Unlike the paper's code, padding and cross-document positions are masked out of the latent and
-semantic terms too.
+semantic terms too. The cross-entropy over the heads is computed either materialised (every head's
+logits kept for backward) or chunked (ds_mtp.fused_ce: one chunk of logits at a time, gradients formed
+in the forward pass); both give the same loss and gradients.
 """
 
 from __future__ import annotations
