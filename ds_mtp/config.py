@@ -79,6 +79,12 @@ class ObjectiveConfig:
     """Distance of the latent and semantic terms: "mse" or "cosine" (1 - cosine similarity)."""
     head_weights: list | None = None
     """Per-head cross-entropy weights w_1..w_K; null = all ones."""
+    loss_impl: str = "chunked"
+    """Cross-entropy over the heads: "chunked" (row chunks, gradients formed in the forward pass; never more
+    than chunk_rows × V logits alive) or "materialized" (every head's [tokens, V] logits kept for backward)."""
+    chunk_rows: int = 0
+    """Rows decoded at once by the chunked loss; 0 = auto (a chunk's logits about the size of the decoded
+    hidden states: rows × d_model / vocab_size, at least 256)."""
 
 
 @dataclass
@@ -123,6 +129,9 @@ class TrainConfig:
     """DeepSpeed JSON config; "" picks ds_configs/zero3.json (or pipeline_zero1.json with a pipeline)."""
     precision: str = "auto"
     """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"."""
+    compile: str = "never"
+    """torch.compile the model through DeepSpeed's engine.compile(): "never", "gpu" (only when training on
+    GPU, where it pays) or "always"."""
     save_model: bool = True
     """At the end, write a consolidated model.safetensors + config.json under RUN_DIR/model."""
     peak_tflops: float = 0.0
@@ -271,6 +280,10 @@ def validate(cfg: RunConfig) -> None:
                         f"lambda_semantic={o.lambda_semantic})")
     if o.distance not in ("mse", "cosine"):
         raise UserError(f"objective.distance must be mse or cosine (got '{o.distance}')")
+    if o.loss_impl not in ("chunked", "materialized"):
+        raise UserError(f"objective.loss_impl must be chunked or materialized (got '{o.loss_impl}')")
+    if o.chunk_rows < 0:
+        raise UserError(f"objective.chunk_rows must be 0 (auto) or positive (got {o.chunk_rows})")
     if o.head_weights is not None and len(o.head_weights) != m.mtp_k:
         raise UserError(f"objective.head_weights has {len(o.head_weights)} entries, expected K={m.mtp_k}")
     if t.zero_stage not in (0, 1, 2, 3):
@@ -286,6 +299,8 @@ def validate(cfg: RunConfig) -> None:
     for name in ("max_steps", "micro_batch", "grad_accum", "seq_len"):
         if getattr(t, name) < 1:
             raise UserError(f"train.{name} must be at least 1 (got {getattr(t, name)})")
+    if t.compile not in ("never", "gpu", "always"):
+        raise UserError(f"train.compile must be never, gpu or always (got '{t.compile}')")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"train.precision must be auto, fp32 or bf16 (got '{t.precision}')")
     if t.peak_tflops < 0:

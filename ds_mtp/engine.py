@@ -136,6 +136,8 @@ def build_engine(cfg: RunConfig, pad_id: int | None):
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    if t.compile == "always" or (t.compile == "gpu" and on_gpu()):
+        engine.compile()
     return engine, model
 
 

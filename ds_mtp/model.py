@@ -222,7 +222,7 @@ class MTPModel(nn.Module):
         return lse_mtp_loss(h, head_hidden, tokens, self.unembed_weight, self.embed.weight,
                             lambda_latent=o.lambda_latent, lambda_semantic=o.lambda_semantic,
                             pad_id=self.pad_id, doc_ids=doc_ids, head_weights=o.head_weights,
-                            distance=o.distance)
+                            distance=o.distance, loss_impl=o.loss_impl, chunk_rows=o.chunk_rows)
 
     @torch.no_grad()
     def hidden(self, tokens):
