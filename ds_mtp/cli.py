@@ -20,7 +20,7 @@ def cmd_train(args) -> int:
             prepare_run(cfg, args.run_dir, args.resume)
         train(cfg, args.run_dir, resume=args.resume)
         return 0
-    prepare_run(cfg, args.run_dir, args.resume)
+    prepare_run(cfg, args.run_dir, args.resume, nproc=args.nproc)
     if args.nproc and args.nproc > 1:
         forwarded = ["train", "--run-dir", args.run_dir, *(["--config", args.config] if args.config else []),
                      *(["--resume"] if args.resume else []), *args.overrides]
