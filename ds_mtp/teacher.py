@@ -179,7 +179,8 @@ class SentenceTeacher(Teacher):
         path = _resolve_sentence_dir(cfg.teacher.source.partition(":")[2])
         self.encoder = SentenceTransformer(str(path), device=str(self.device))
         self.encoder.eval()
-        width = self.encoder.get_sentence_embedding_dimension()
+        width = getattr(self.encoder, "get_embedding_dimension", None) or self.encoder.get_sentence_embedding_dimension
+        width = width()
         self.projection = None if width == self.d else fixed_projection(width, self.d, cfg.teacher.seed).to(self.device)
         self.vocab = _token_strings(meta)
         specials = getattr(meta, "special_ids", {}) or {}
@@ -409,7 +410,7 @@ class RemoteFeed:
 
     def targets(self, micro: int, tokens=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         for work, _ in self._requests:  # sends of small requests; done long ago unless the teacher is gone
-            _wait(work, self.timeout, f"asking teacher rank {self.teacher_rank}")
+            _wait(work, self.timeout, f"teacher rank {self.teacher_rank}, request for micro-batch {micro}")
         self._requests.clear()
         expected, work, buffer = self.pending.popleft()
         if expected != micro:
@@ -425,7 +426,7 @@ class RemoteFeed:
         """Tell the teacher this trainer is done (after the last target arrived)."""
         self._request(_STOP)
         for work, _ in self._requests:
-            _wait(work, self.timeout, f"stopping teacher rank {self.teacher_rank}")
+            _wait(work, self.timeout, f"teacher rank {self.teacher_rank}, stop request")
         self._requests.clear()
 
 
