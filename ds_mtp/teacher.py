@@ -260,6 +260,8 @@ class LocalFeed:
 
     def __init__(self, cfg: RunConfig, teacher: Teacher, device):
         self.cfg, self.teacher, self.device = cfg, teacher, device
+        self.wait_s = 0.0
+        """Seconds the trainer spent getting targets (here: computing them)."""
         self.mask = teacher.position_mask(cfg, cfg.train.micro_batch)
         self.mask = None if self.mask is None else self.mask.to(device)
 
@@ -267,7 +269,9 @@ class LocalFeed:
         pass
 
     def targets(self, micro: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        started = time.perf_counter()
         states = self.teacher.states(tokens.to(self.teacher.device)).to(self.device)
+        self.wait_s += time.perf_counter() - started
         return head_targets(states, self.cfg.model.mtp_k, self.teacher.shifted), self.mask
 
     def close(self) -> None:
@@ -393,6 +397,8 @@ class RemoteFeed:
         self.pending: deque = deque()  # (micro, work, buffer) in request order
         self.next_request = self.end = 0
         self._requests: list = []
+        self.wait_s = 0.0
+        """Seconds the trainer spent blocked on its teacher (0 when the teacher keeps ahead)."""
 
     def _request(self, micro: int) -> None:
         msg = torch.tensor([micro], dtype=torch.int64)
@@ -409,6 +415,7 @@ class RemoteFeed:
             self.next_request += 1
 
     def targets(self, micro: int, tokens=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        started = time.perf_counter()
         for work, _ in self._requests:  # sends of small requests; done long ago unless the teacher is gone
             _wait(work, self.timeout, f"teacher rank {self.teacher_rank}, request for micro-batch {micro}")
         self._requests.clear()
@@ -416,6 +423,7 @@ class RemoteFeed:
         if expected != micro:
             raise RuntimeError(f"teacher feed out of order: asked for micro-batch {micro}, next is {expected}")
         _wait(work, self.timeout, f"teacher rank {self.teacher_rank}, micro-batch {micro}")
+        self.wait_s += time.perf_counter() - started
         if self.next_request < self.end:  # keep the teacher `prefetch` micro-batches ahead
             self._request(self.next_request)
             self.next_request += 1
