@@ -402,11 +402,15 @@ class RemoteFeed:
 
     def _request(self, micro: int) -> None:
         msg = torch.tensor([micro], dtype=torch.int64)
-        self._requests.append((self.group.send([msg], self.teacher_rank, _REQUEST_TAG), msg))
-        if micro == _STOP:
-            return
         buffer = torch.empty(self.shape, dtype=self.dtype)
-        self.pending.append((micro, self.group.recv([buffer], self.teacher_rank, _TARGET_TAG), buffer))
+        try:  # posting fails at once when the teacher's connection is already closed
+            self._requests.append((self.group.send([msg], self.teacher_rank, _REQUEST_TAG), msg))
+            if micro != _STOP:
+                self.pending.append((micro, self.group.recv([buffer], self.teacher_rank, _TARGET_TAG), buffer))
+        except Exception as e:  # noqa: BLE001
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise TeacherError(f"teacher rank {self.teacher_rank}, request for micro-batch {micro}: the connection "
+                               f"failed ({first[:160]})") from None
 
     def start(self, first_micro: int, end_micro: int) -> None:
         self.next_request, self.end = first_micro, end_micro
@@ -452,27 +456,27 @@ def serve(cfg: RunConfig, layout: Layout, group) -> int:
     samplers = {i: WindowSampler(shards, t.seq_len, t.micro_batch, seed=t.seed, dp_rank=i, dp_size=layout.n_trainers,
                                  mode=cfg.data.sampling) for i in trainers}
     active, sent, served = list(trainers), deque(), 0
-    while active:
-        for trainer in list(active):
-            msg = torch.zeros(1, dtype=torch.int64)
-            try:
+    trainer = trainers[0]
+    try:
+        while active:
+            for trainer in list(active):
+                msg = torch.zeros(1, dtype=torch.int64)
                 group.recv([msg], trainer, _REQUEST_TAG).wait()
-            except Exception as e:  # noqa: BLE001 - a trainer that died closes the connection
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise TeacherError(f"teacher rank {layout.global_rank}: trainer rank {trainer} went away "
-                                   f"({first[:200]})") from None
-            micro = int(msg.item())
-            if micro == _STOP:
-                active.remove(trainer)
-                continue
-            tokens = samplers[trainer].batch(micro).tokens.to(device)
-            states = teacher.states(tokens).to(transport).cpu().contiguous()  # [B, T, d]
-            sent.append((group.send([states], trainer, _TARGET_TAG), states))
-            served += 1
-            while len(sent) > cfg.teacher.prefetch:
-                sent.popleft()[0].wait()
-    for work, _ in sent:
-        work.wait()
+                micro = int(msg.item())
+                if micro == _STOP:
+                    active.remove(trainer)
+                    continue
+                tokens = samplers[trainer].batch(micro).tokens.to(device)
+                states = teacher.states(tokens).to(transport).cpu().contiguous()  # [B, T, d]
+                sent.append((group.send([states], trainer, _TARGET_TAG), states))
+                served += 1
+                while len(sent) > cfg.teacher.prefetch:
+                    sent.popleft()[0].wait()
+        for work, _ in sent:
+            work.wait()
+    except RuntimeError as e:  # gloo: a trainer that died closed its connection
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TeacherError(f"teacher rank {layout.global_rank}: trainer rank {trainer} went away ({first[:200]})") from None
     return served
 
 
