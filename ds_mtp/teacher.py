@@ -367,6 +367,11 @@ def connect_bridge(layout: Layout, timeout: float):
     return store, group
 
 
+def transport_dtype() -> torch.dtype:
+    """bf16 on GPU machines (half the bytes; the loss reads them in fp32), exact fp32 on CPU."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
 def _wait(work, timeout: float, what: str) -> None:
     """Wait for a bridge operation for at most ``timeout`` seconds; a dead or stalled peer is one line.
 
@@ -392,7 +397,7 @@ class RemoteFeed:
         self.shifted = cls.shifted
         mask = cls.position_mask(cfg, cfg.train.micro_batch)
         self.mask = None if mask is None else mask.to(device)
-        self.dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        self.dtype = transport_dtype()
         self.shape = (cfg.train.micro_batch, cfg.train.seq_len, cfg.model.d_model)
         self.pending: deque = deque()  # (micro, work, buffer) in request order
         self.next_request = self.end = 0
@@ -450,7 +455,7 @@ def serve(cfg: RunConfig, layout: Layout, group) -> int:
     meta = read_meta(cfg.data.path)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     teacher = make_teacher(cfg, device, meta)
-    transport = torch.bfloat16 if device.type == "cuda" else torch.float32
+    transport = transport_dtype()
     trainers = layout.trainers_of(layout.global_rank)
     shards = TokenShards(cfg.data.path, cfg.data.split)
     samplers = {i: WindowSampler(shards, t.seq_len, t.micro_batch, seed=t.seed, dp_rank=i, dp_size=layout.n_trainers,

@@ -205,6 +205,7 @@ def test_two_trainers_receive_the_teachers_latents(token_data, teacher_dir, tmp_
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", ["stall", "death"])
 def test_a_stalled_or_dead_teacher_stops_the_trainer_within_the_timeout(token_data, teacher_dir, tmp_path, failure):
     overrides = [f"data.path={token_data}", "model.preset=tiny", "model.d_model=32", "model.n_layer=1",
@@ -250,9 +251,14 @@ def test_train_with_teacher_ranks_lowers_the_latent_term(token_data, teacher_dir
 def test_teacher_ranks_need_a_trainer_one_line_error(token_data, teacher_dir, tmp_path):
     result = run_cli("train", "--nproc", "1", "--run-dir", str(tmp_path / "r"), f"data.path={token_data}",
                      "model.preset=tiny", "model.mtp_k=3", "train.seq_len=32",
-                     f"teacher.source=checkpoint:{teacher_dir}", "teacher.ranks=1")
+                     "--lse-target", f"checkpoint:{teacher_dir}", "--teacher-ranks", "1")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: teacher.ranks=1 leaves no trainer among --nproc 1 ranks"
+    result = run_cli("train", "--run-dir", str(tmp_path / "r"), f"data.path={token_data}", "model.mtp_k=3",
+                     "train.seq_len=32", f"teacher.source=checkpoint:{tmp_path}")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "is not an exported ds-mtp model" in result.stderr
+    assert not (tmp_path / "r").exists()  # nothing written for a run that cannot start
 
 
 # ---- sentence encoder: a tiny sentence-transformers directory made here (no download)
