@@ -151,7 +151,7 @@ import os, sys, time, torch
 from ds_mtp.config import load_config
 from ds_mtp.train import resolve_data
 from ds_mtp.teacher import split_roles, connect_bridge, run_teacher_rank, RemoteFeed, TeacherError
-out_dir, micro_count, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+out_dir, (first, end), pause = sys.argv[1], map(int, sys.argv[2].split(":")), float(sys.argv[3])
 cfg = resolve_data(load_config(None, sys.argv[4:]))
 layout = split_roles(cfg)
 try:
@@ -160,8 +160,8 @@ try:
         sys.exit(0)
     store, group = connect_bridge(layout, cfg.teacher.timeout)
     feed = RemoteFeed(cfg, layout, group, "cpu", layout.global_rank)
-    feed.start(0, micro_count)
-    for micro in range(micro_count):
+    feed.start(first, end)  # first > 0: a resumed run
+    for micro in range(first, end):
         targets, _ = feed.targets(micro)
         torch.save(targets.clone(), os.path.join(out_dir, f"rank{layout.global_rank}_micro{micro}.pt"))
         print(f"micro {micro}", flush=True)
@@ -190,7 +190,7 @@ def test_two_trainers_receive_the_teachers_latents(token_data, teacher_dir, tmp_
     overrides = [f"data.path={token_data}", "model.preset=tiny", "model.d_model=32", "model.n_layer=1",
                  "model.mtp_k=3", "train.seq_len=32", "train.micro_batch=4", "train.seed=7",
                  f"teacher.source=checkpoint:{teacher_dir}", "teacher.ranks=1", "teacher.timeout=60"]
-    procs = _start_ranks(3, [str(tmp_path), "5", "0", *overrides])
+    procs = _start_ranks(3, [str(tmp_path), "2:7", "0", *overrides])
     outputs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-2000:] for o in outputs]
     assert "served 10 micro-batches" in outputs[2][1]
@@ -198,7 +198,7 @@ def test_two_trainers_receive_the_teachers_latents(token_data, teacher_dir, tmp_
     shards = TokenShards(token_data, "train")
     for rank in (0, 1):
         sampler = WindowSampler(shards, 32, 4, seed=7, dp_rank=rank, dp_size=2)
-        for micro in range(5):
+        for micro in range(2, 7):
             received = torch.load(tmp_path / f"rank{rank}_micro{micro}.pt")
             expected = head_targets(frozen.hidden(sampler.batch(micro).tokens), 3, shifted=True)
             assert torch.equal(received, expected), (rank, micro)
@@ -211,7 +211,7 @@ def test_a_stalled_or_dead_teacher_stops_the_trainer_within_the_timeout(token_da
     overrides = [f"data.path={token_data}", "model.preset=tiny", "model.d_model=32", "model.n_layer=1",
                  "model.mtp_k=3", "train.seq_len=32", "train.micro_batch=4",
                  f"teacher.source=checkpoint:{teacher_dir}", "teacher.ranks=1", "teacher.timeout=4"]
-    trainer, teacher = _start_ranks(2, [str(tmp_path), "100000", "0.05", *overrides])
+    trainer, teacher = _start_ranks(2, [str(tmp_path), "0:100000", "0.05", *overrides])
     try:
         assert trainer.stdout.readline().strip() == "micro 0"
         teacher.send_signal(signal.SIGSTOP if failure == "stall" else signal.SIGKILL)
