@@ -156,7 +156,9 @@ class TeacherConfig:
     prefetch: int = 2
     """Micro-batches a teacher rank computes ahead of the trainer it serves."""
     timeout: float = 60.0
-    """Seconds a trainer waits for a teacher (set-up or one micro-batch) before it stops with an error."""
+    """Seconds a trainer waits for a teacher's micro-batch before it stops with an error."""
+    startup_timeout: float = 600.0
+    """Seconds allowed for the rendezvous and the first micro-batch (the teacher loads its model meanwhile)."""
     port: int = 0
     """TCP port of the trainer-teacher rendezvous on MASTER_ADDR; 0 = MASTER_PORT + 1."""
     seed: int = 0
@@ -323,8 +325,9 @@ def validate(cfg: RunConfig) -> None:
     for name in ("stride", "prefetch"):
         if getattr(th, name) < 1:
             raise UserError(f"teacher.{name} must be at least 1 (got {getattr(th, name)})")
-    if th.timeout <= 0:
-        raise UserError(f"teacher.timeout must be positive seconds (got {th.timeout})")
+    if th.timeout <= 0 or th.startup_timeout <= 0:
+        raise UserError(f"teacher.timeout and teacher.startup_timeout must be positive seconds (got "
+                        f"{th.timeout}, {th.startup_timeout})")
     if th.source != "self" and m.mtp_k < 2:
         raise UserError(f"teacher.source={th.source} supplies latent targets for heads k >= 2, but model.mtp_k=1")
     if cfg.data.sampling not in ("packed", "document"):

@@ -20,7 +20,7 @@ one of T ranks, and all W ranks join a separate gloo group (the "bridge", a TCPS
 teacher.port) over which trainer i asks teacher W−T + (i mod T) for micro-batch indices and receives
 the targets. Teachers read the same deterministic sample order (WindowSampler with the trainer's
 data-parallel rank) and run ``teacher.prefetch`` micro-batches ahead. A trainer that waits longer than
-``teacher.timeout`` for a teacher stops with one line; teachers exit when their trainers say stop or go away.
+``teacher.timeout`` (``teacher.startup_timeout`` until the first targets) for a teacher stops with one line; teachers exit when their trainers say stop or go away.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ SENTENCE_PACKAGE_MODEL = "all-MiniLM-L6-v2"
 
 _REQUEST_TAG, _TARGET_TAG = 0, 1
 _STOP = -1
+_TEACHER_IDLE = timedelta(days=1)
+"""How long a teacher waits for its trainers (they may checkpoint or evaluate for long; if they die, the
+connection closes and the teacher exits at once)."""
 
 
 class TeacherError(UserError):
@@ -357,9 +360,9 @@ def connect_bridge(layout: Layout, timeout: float):
     try:
         store = dist.TCPStore(layout.master_addr, layout.bridge_port, layout.global_size,
                               is_master=layout.global_rank == 0, timeout=wait, wait_for_workers=False)
-        # Long op timeout: a teacher idles while trainers checkpoint; trainers bound their own waits.
+        # The group's timeout bounds the rendezvous; every later wait passes its own.
         group = dist.ProcessGroupGloo(dist.PrefixStore("ds_mtp_bridge", store), layout.global_rank,
-                                      layout.global_size, timedelta(seconds=max(1800.0, timeout)))
+                                      layout.global_size, wait)
     except Exception as e:  # noqa: BLE001 - any failure here is a rendezvous failure
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TeacherError(f"rank {layout.global_rank}: trainer-teacher rendezvous on {layout.master_addr}:"
@@ -372,7 +375,7 @@ def transport_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
-def _wait(work, timeout: float, what: str) -> None:
+def _wait(work, timeout: float, what: str, setting: str = "teacher.timeout") -> None:
     """Wait for a bridge operation for at most ``timeout`` seconds; a dead or stalled peer is one line.
 
     (Gloo's point-to-point works only make progress inside wait(), so this is a timed wait, not polling.)
@@ -382,7 +385,7 @@ def _wait(work, timeout: float, what: str) -> None:
     except Exception as e:  # noqa: BLE001 - gloo reports both a timeout and a closed peer as RuntimeError
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if "timed out" in first.lower() or "timeout" in first.lower():
-            raise TeacherError(f"{what}: nothing within teacher.timeout={timeout:g} s (teacher stalled or died)") from None
+            raise TeacherError(f"{what}: nothing within {setting}={timeout:g} s (teacher stalled or died)") from None
         raise TeacherError(f"{what}: the connection failed ({first[:160]})") from None
 
 
@@ -393,6 +396,8 @@ class RemoteFeed:
         self.cfg, self.layout, self.group, self.device = cfg, layout, group, device
         self.teacher_rank = layout.teacher_of(trainer_rank)
         self.timeout, self.depth = cfg.teacher.timeout, cfg.teacher.prefetch
+        self.first_timeout = max(cfg.teacher.timeout, cfg.teacher.startup_timeout)  # the teacher is still loading
+        self.received = 0
         cls = source_class(cfg)
         self.shifted = cls.shifted
         mask = cls.position_mask(cfg, cfg.train.micro_batch)
@@ -425,13 +430,17 @@ class RemoteFeed:
 
     def targets(self, micro: int, tokens=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         started = time.perf_counter()
+        # Until the first targets arrive the teacher may still be loading its model.
+        timeout, setting = (self.timeout, "teacher.timeout") if self.received else \
+            (self.first_timeout, "teacher.startup_timeout")
         for work, _ in self._requests:  # sends of small requests; done long ago unless the teacher is gone
-            _wait(work, self.timeout, f"teacher rank {self.teacher_rank}, request for micro-batch {micro}")
+            _wait(work, timeout, f"teacher rank {self.teacher_rank}, request for micro-batch {micro}", setting)
         self._requests.clear()
         expected, work, buffer = self.pending.popleft()
         if expected != micro:
             raise RuntimeError(f"teacher feed out of order: asked for micro-batch {micro}, next is {expected}")
-        _wait(work, self.timeout, f"teacher rank {self.teacher_rank}, micro-batch {micro}")
+        _wait(work, timeout, f"teacher rank {self.teacher_rank}, micro-batch {micro}", setting)
+        self.received += 1
         self.wait_s += time.perf_counter() - started
         if self.next_request < self.end:  # keep the teacher `prefetch` micro-batches ahead
             self._request(self.next_request)
@@ -466,7 +475,7 @@ def serve(cfg: RunConfig, layout: Layout, group) -> int:
         while active:
             for trainer in list(active):
                 msg = torch.zeros(1, dtype=torch.int64)
-                group.recv([msg], trainer, _REQUEST_TAG).wait()
+                group.recv([msg], trainer, _REQUEST_TAG).wait(_TEACHER_IDLE)
                 micro = int(msg.item())
                 if micro == _STOP:
                     active.remove(trainer)
@@ -476,9 +485,9 @@ def serve(cfg: RunConfig, layout: Layout, group) -> int:
                 sent.append((group.send([states], trainer, _TARGET_TAG), states))
                 served += 1
                 while len(sent) > cfg.teacher.prefetch:
-                    sent.popleft()[0].wait()
+                    sent.popleft()[0].wait(_TEACHER_IDLE)
         for work, _ in sent:
-            work.wait()
+            work.wait(_TEACHER_IDLE)
     except RuntimeError as e:  # gloo: a trainer that died closed its connection
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TeacherError(f"teacher rank {layout.global_rank}: trainer rank {trainer} went away ({first[:200]})") from None
@@ -489,7 +498,7 @@ def run_teacher_rank(cfg: RunConfig, layout: Layout) -> None:
     """Everything a teacher rank does: its own default world, the bridge, serving, and a clean exit."""
     import torch.distributed as dist
 
-    store, group = connect_bridge(layout, cfg.teacher.timeout)
+    store, group = connect_bridge(layout, cfg.teacher.startup_timeout)
     # The teachers' own default world (WORLD_SIZE = T), on the bridge's store: no extra port to agree on.
     dist.init_process_group("gloo", store=dist.PrefixStore("ds_mtp_teachers", store),
                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))

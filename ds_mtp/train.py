@@ -113,7 +113,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     if layout is not None and layout.is_teacher:
         run_teacher_rank(cfg, layout)
         return {}
-    bridge = connect_bridge(layout, cfg.teacher.timeout) if layout is not None else (None, None)
+    bridge = connect_bridge(layout, cfg.teacher.startup_timeout) if layout is not None else (None, None)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     meta = read_meta(cfg.data.path)

@@ -59,7 +59,8 @@ def test_teacher_config_errors(token_data, teacher_dir, tmp_path):
            ("teacher.source=checkpoint:", "teacher.source must be"),
            ("teacher.ranks=1", "teacher ranks need"),
            ("teacher.prefetch=0", "teacher.prefetch must be at least 1"),
-           ("teacher.timeout=0", "teacher.timeout must be positive")]
+           ("teacher.timeout=0", "teacher.timeout and teacher.startup_timeout must be positive"),
+           ("teacher.startup_timeout=-1", "teacher.timeout and teacher.startup_timeout must be positive")]
     for override, message in bad:
         with pytest.raises(UserError, match=message):
             load_config(None, [override])
@@ -158,7 +159,7 @@ try:
     if layout.is_teacher:
         run_teacher_rank(cfg, layout)
         sys.exit(0)
-    store, group = connect_bridge(layout, cfg.teacher.timeout)
+    store, group = connect_bridge(layout, cfg.teacher.startup_timeout)
     feed = RemoteFeed(cfg, layout, group, "cpu", layout.global_rank)
     feed.start(first, end)  # first > 0: a resumed run
     for micro in range(first, end):
@@ -173,10 +174,10 @@ except TeacherError as e:
 """
 
 
-def _start_ranks(world: int, args: list[str]) -> list[subprocess.Popen]:
+def _start_ranks(world: int, args: list[str], started: int | None = None) -> list[subprocess.Popen]:
     port = free_port()
     procs = []
-    for rank in range(world):
+    for rank in range(world if started is None else started):
         env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": str(rank), "WORLD_SIZE": str(world),
                "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1"}
@@ -319,3 +320,16 @@ def test_sentence_teacher_embeds_the_decoded_future_window(tmp_path, tiny_senten
     assert torch.allclose(states[1, 4], (z * 32 ** 0.5 / z.norm())[0], atol=1e-5)
     targets, _ = LocalFeed(cfg, teacher, "cpu").targets(0, tokens)
     assert torch.equal(targets[:, 0], targets[:, 1])  # one anchor for every head at t
+
+
+@pytest.mark.multiprocess
+def test_a_teacher_that_never_starts_fails_the_rendezvous(token_data, teacher_dir, tmp_path):
+    overrides = [f"data.path={token_data}", "model.preset=tiny", "model.d_model=32", "model.n_layer=1",
+                 "model.mtp_k=3", "train.seq_len=32", "train.micro_batch=4",
+                 f"teacher.source=checkpoint:{teacher_dir}", "teacher.ranks=1", "teacher.startup_timeout=2"]
+    trainer, = _start_ranks(2, [str(tmp_path), "0:5", "0", *overrides], started=1)  # the teacher never starts
+    _, err = trainer.communicate(timeout=120)
+    assert trainer.returncode == 3
+    last = err.strip().splitlines()[-1]  # (torch's C++ store may log a warning line before it)
+    assert last.startswith("error: rank 0: trainer-teacher rendezvous on 127.0.0.1:"), err[-2000:]
+    assert "failed within 2 s" in last
