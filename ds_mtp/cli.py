@@ -9,11 +9,18 @@ import sys
 from ds_mtp.errors import UserError
 
 
+# Flags that are spellings of teacher.* overrides (docs/teacher.md); an explicit override wins.
+TEACHER_FLAGS = {"lse_target": "source", "teacher_ranks": "ranks", "teacher_layer": "layer",
+                 "teacher_stride": "stride", "teacher_timeout": "timeout"}
+
+
 def cmd_train(args) -> int:
     from ds_mtp.config import load_config
     from ds_mtp.launch import inside_launch, is_launch_leader, run_local
     from ds_mtp.train import prepare_run, train
 
+    args.overrides = [*(f"teacher.{field}={getattr(args, flag)}" for flag, field in TEACHER_FLAGS.items()
+                        if getattr(args, flag) is not None), *args.overrides]
     cfg = load_config(args.config, args.overrides)
     if args.data:
         cfg.data.path = args.data
@@ -22,7 +29,7 @@ def cmd_train(args) -> int:
             prepare_run(cfg, args.run_dir, args.resume)
         train(cfg, args.run_dir, resume=args.resume)
         return 0
-    prepare_run(cfg, args.run_dir, args.resume)
+    prepare_run(cfg, args.run_dir, args.resume, nproc=args.nproc)
     if args.nproc and args.nproc > 1:
         forwarded = ["train", "--run-dir", args.run_dir, *(["--config", args.config] if args.config else []),
                      *(["--resume"] if args.resume else []), *(["--data", args.data] if args.data else []),
@@ -92,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=0, help="start N ranks on this node (GPUs, or CPU processes)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in RUN_DIR")
     p.add_argument("--data", default="", help="data directory (meta.json + shards); same as data.path=DIR")
+    p.add_argument("--lse-target", help="latent targets: self, checkpoint:DIR or sentence:DIR (= teacher.source)")
+    p.add_argument("--teacher-ranks", type=int, help="last T ranks of the launch run the teacher (= teacher.ranks)")
+    p.add_argument("--teacher-layer", type=int, help="checkpoint teacher block to anchor to (= teacher.layer)")
+    p.add_argument("--teacher-stride", type=int, help="sentence teacher: every N-th position (= teacher.stride)")
+    p.add_argument("--teacher-timeout", type=float, help="seconds to wait for a teacher (= teacher.timeout)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=200")
     p.set_defaults(func=cmd_train)
 

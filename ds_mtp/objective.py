@@ -13,6 +13,11 @@ Unlike the paper's code, padding and cross-document positions are masked out of 
 semantic terms too. The cross-entropy over the heads is computed either materialised (every head's
 logits kept for backward) or chunked (ds_mtp.fused_ce: one chunk of logits at a time, gradients formed
 in the forward pass); both give the same loss and gradients.
+
+External latent targets (ds_mtp.teacher): ``latent_targets`` [B, K−1, T, d] replaces sg h_{t+k−1}
+by sg latent_targets[:, k−2, t] (still a stop-gradient: the teacher is never trained through this
+loss), and ``latent_mask`` [B, T] keeps only the positions the teacher sampled in V_k of the latent
+term (the CE and semantic terms are unchanged).
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
                  unembed: torch.Tensor, embed: torch.Tensor, *, lambda_latent: float = 0.1,
                  lambda_semantic: float = 0.1, pad_id: int | None = None,
                  doc_ids: torch.Tensor | None = None, head_weights=None, distance: str = "mse",
-                 loss_impl: str = "materialized", chunk_rows: int = 0) -> dict:
+                 loss_impl: str = "materialized", chunk_rows: int = 0,
+                 latent_targets: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None) -> dict:
     """LSE-MTP loss over K heads.
 
     hidden [B, T, d] final post-norm trunk states; head_hidden [B, K-1, T, d] (None when K = 1);
@@ -71,6 +77,9 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
     chunks of chunk_rows (0 = auto) with gradients formed in the forward pass (ds_mtp.fused_ce), so
     at most one chunk of logits exists. Both give the same loss and gradients; with "chunked" the
     "ce" entries are detached values (only "loss" is differentiable).
+
+    latent_targets [B, K-1, T, d] (None = the model's own sg h_{t+k-1}) and latent_mask [B, T] bool
+    (None = every position) select the latent term's anchors, see the module docstring.
     """
     if distance not in ("mse", "cosine"):
         raise ValueError(f"distance must be 'mse' or 'cosine', got {distance!r}")
@@ -80,6 +89,11 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
     K = 1 + (head_hidden.shape[1] if head_hidden is not None else 0)
     weights = head_weights if head_weights is not None else [1.0] * K
     sg_hidden = hidden.detach()
+    if latent_targets is not None:
+        if latent_targets.shape != (B, K - 1, T, d):
+            raise ValueError(f"latent_targets must be [B, K-1, T, d] = {[B, K - 1, T, d]}, "
+                             f"got {list(latent_targets.shape)}")
+        latent_targets = latent_targets.detach()
     sg_embed = embed.detach()
     latent, semantic = [], []
     loss = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
@@ -97,9 +111,17 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
         counts.append(count)
         if k == 1:
             continue
-        future = sg_hidden[:, k - 1: T - 1].reshape(-1, d).index_select(0, rows)  # h_{t+k-1}  [N_k, d]
+        if latent_targets is None:
+            future = sg_hidden[:, k - 1: T - 1].reshape(-1, d).index_select(0, rows)  # h_{t+k-1}  [N_k, d]
+        else:
+            future = latent_targets[:, k - 2, : T - k].reshape(-1, d).index_select(0, rows)  # [N_k, d]
         anchor = F.embedding(target, sg_embed)  # E[x_{t+k}]  [N_k, d]
-        latent_k = _distance(_at_least_fp32(flat_pred), _at_least_fp32(future), distance).sum() / count
+        latent_dist = _distance(_at_least_fp32(flat_pred), _at_least_fp32(future), distance)  # [N_k]
+        if latent_mask is None:
+            latent_k = latent_dist.sum() / count
+        else:
+            keep = latent_mask[:, : T - k].reshape(-1).index_select(0, rows)  # [N_k]
+            latent_k = (latent_dist * keep).sum() / keep.sum().clamp(min=1)
         semantic_k = _distance(_at_least_fp32(flat_pred), _at_least_fp32(anchor), distance).sum() / count
         latent.append(latent_k)
         semantic.append(semantic_k)
