@@ -9,24 +9,41 @@ import sys
 from ds_mtp.errors import UserError
 
 
+# Flags that are spellings of teacher.* overrides (docs/teacher.md); an explicit override wins.
+TEACHER_FLAGS = {"lse_target": "source", "teacher_ranks": "ranks", "teacher_layer": "layer",
+                 "teacher_stride": "stride", "teacher_timeout": "timeout"}
+
+
 def cmd_train(args) -> int:
     from ds_mtp.config import load_config
     from ds_mtp.launch import inside_launch, is_launch_leader, run_local
     from ds_mtp.train import prepare_run, train
 
+    args.overrides = [*(f"teacher.{field}={getattr(args, flag)}" for flag, field in TEACHER_FLAGS.items()
+                        if getattr(args, flag) is not None), *args.overrides]
     cfg = load_config(args.config, args.overrides)
+    if args.data:
+        cfg.data.path = args.data
     if inside_launch():
         if is_launch_leader() and not os.environ.get("DS_MTP_PREPARED"):
             prepare_run(cfg, args.run_dir, args.resume)
         train(cfg, args.run_dir, resume=args.resume)
         return 0
-    prepare_run(cfg, args.run_dir, args.resume)
+    prepare_run(cfg, args.run_dir, args.resume, nproc=args.nproc)
     if args.nproc and args.nproc > 1:
         forwarded = ["train", "--run-dir", args.run_dir, *(["--config", args.config] if args.config else []),
-                     *(["--resume"] if args.resume else []), *args.overrides]
+                     *(["--resume"] if args.resume else []), *(["--data", args.data] if args.data else []),
+                     *args.overrides]
         return run_local(args.nproc, forwarded)
     train(cfg, args.run_dir, resume=args.resume)
     return 0
+
+
+def cmd_launch(args) -> int:
+    from launcher import LaunchOptions, launch
+
+    options = {k: v for k, v in vars(args).items() if k in LaunchOptions.__dataclass_fields__}
+    return launch(LaunchOptions(**options))
 
 
 def cmd_demo(args) -> int:
@@ -75,7 +92,7 @@ def cmd_eval(args) -> int:
     from ds_mtp.evaluate.suite import format_table, run_eval
 
     metrics = [m for item in args.metrics for m in item.split(",") if m] if args.metrics else None
-    results = run_eval(args.model, args.world, args.out, metrics, args.scale, args.seed, args.device)
+    results = run_eval(args.model, args.world, args.out, metrics, args.scale, args.seed, args.device, args.set)
     print(format_table(results))
     if args.out:
         print(f"results: {args.out}")
@@ -93,8 +110,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="where metrics, TensorBoard logs, checkpoints and the model go")
     p.add_argument("--nproc", type=int, default=0, help="start N ranks on this node (GPUs, or CPU processes)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in RUN_DIR")
+    p.add_argument("--data", default="", help="data directory (meta.json + shards); same as data.path=DIR")
+    p.add_argument("--lse-target", help="latent targets: self, checkpoint:DIR or sentence:DIR (= teacher.source)")
+    p.add_argument("--teacher-ranks", type=int, help="last T ranks of the launch run the teacher (= teacher.ranks)")
+    p.add_argument("--teacher-layer", type=int, help="checkpoint teacher block to anchor to (= teacher.layer)")
+    p.add_argument("--teacher-stride", type=int, help="sentence teacher: every N-th position (= teacher.stride)")
+    p.add_argument("--teacher-timeout", type=float, help="seconds to wait for a teacher (= teacher.timeout)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=200")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("launch", help="check a single-node, multi-node or MPI launch, print its command, and run it")
+    p.add_argument("--config", help="run config (YAML or JSON)")
+    p.add_argument("--run-dir", required=True, help="the run directory (shared by all nodes)")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="ranks on this node (default: its GPUs, or 1 on CPU); with --hostfile, ranks per node")
+    p.add_argument("--hostfile", default="", help="'HOST slots=N' per node: start ranks on several nodes")
+    p.add_argument("--include", default="", help="only these hosts/slots of the hostfile, e.g. node1@node2:0,1")
+    p.add_argument("--exclude", default="", help="all hosts/slots of the hostfile except these")
+    p.add_argument("--num-nodes", type=int, default=0, help="use the first N nodes of the hostfile")
+    p.add_argument("--launcher", default="pdsh", help="pdsh (deepspeed over ssh), openmpi, mpich or slurm "
+                   "(deepspeed's back-ends), or mpirun (ds-mtp runs mpirun; ranks found through mpi4py)")
+    p.add_argument("--launcher-args", default="", help="extra arguments for the back-end (pdsh/mpirun/srun)")
+    p.add_argument("--no-ssh", action="store_true", help="start only this node's ranks (run once per node)")
+    p.add_argument("--node-rank", type=int, default=-1, help="with --no-ssh: this node's index in the hostfile")
+    p.add_argument("--master-addr", default="", help="address of the node with rank 0")
+    p.add_argument("--master-port", type=int, default=0, help="rendezvous port (default 29500, checked to be free)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in RUN_DIR")
+    p.add_argument("--dry-run", action="store_true", help="check and print the command, start nothing")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=200")
+    p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("demo", help="NTP vs MTP vs LSE-MTP on the paper's USG world, evaluated on held-out pairs")
     p.add_argument("--run-dir", default="runs/demo")
@@ -115,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue OUT: skip complete runs, finish the others")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides for every training run")
     p.set_defaults(func=cmd_reproduce)
+
+    from data_prep.cli import add_prep_commands
+
+    p = sub.add_parser("prep", help="prepare a text corpus: SentencePiece tokenizer, token shards, verify, inspect")
+    add_prep_commands(p)
 
     world = sub.add_parser("world", help="graph worlds: make one, check sequences against one")
     world_sub = world.add_subparsers(dest="world_command", required=True)
@@ -142,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "compression distinction detour (default all)")
     p.add_argument("--scale", default="default", choices=["quick", "default"],
                    help="trial counts: default = the papers' sizes, quick = a smoke test")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one scale setting, e.g. --set path_pairs=200 --set detour_probs=[0.05] "
+                        "(keys: ds_mtp/evaluate/suite.py DEFAULT_SCALE)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--out", help="write the full results as JSON here")

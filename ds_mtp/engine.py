@@ -55,9 +55,18 @@ def build_ds_config(cfg: RunConfig, dp_size: int, gpu: bool) -> dict:
             raise UserError(f"{path}: {key}={ds[key]} contradicts the run config ({key}={value} from "
                             f"micro_batch={t.micro_batch}, grad_accum={t.grad_accum}, data-parallel size={dp_size})")
         ds[key] = value
-    ds.setdefault("zero_optimization", {})["stage"] = t.zero_stage
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and gpu)
-    ds["bf16"] = {"enabled": bf16}
+    zero = ds.setdefault("zero_optimization", {})
+    if t.ds_config and zero.get("stage", t.zero_stage) != t.zero_stage:
+        raise UserError(f"{path}: zero_optimization.stage={zero['stage']} contradicts train.zero_stage={t.zero_stage}")
+    if zero.get("offload_param") and t.zero_stage != 3:
+        raise UserError(f"{path}: offload_param needs ZeRO-3 (train.zero_stage={t.zero_stage})")
+    zero["stage"] = t.zero_stage
+    # A config file that sets bf16 decides precision "auto"; an explicit train.precision must agree with it.
+    file_bf16 = ds.get("bf16", {}).get("enabled")
+    if file_bf16 is not None and t.precision != "auto" and file_bf16 != (t.precision == "bf16"):
+        raise UserError(f"{path}: bf16.enabled={str(file_bf16).lower()} contradicts train.precision={t.precision}")
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and (gpu if file_bf16 is None else file_bf16))
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
     ds.pop("fp16", None)
     ds.pop("optimizer", None)  # ds-mtp builds AdamW itself (weight decay on matrices only)
     ds.pop("scheduler", None)
@@ -96,7 +105,10 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     gpu = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=True, verbose=False)
+    # Under mpirun, DeepSpeed's MPI discovery would otherwise take port 29500 whatever the launcher chose.
+    port = int(os.environ.get("MASTER_PORT", "29500"))
+    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=True,
+                               distributed_port=port, verbose=False)
 
 
 def free_port() -> int:
@@ -124,6 +136,8 @@ def build_engine(cfg: RunConfig, pad_id: int | None):
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    if t.compile == "always" or (t.compile == "gpu" and on_gpu()):
+        engine.compile()
     return engine, model
 
 

@@ -10,8 +10,18 @@ LAUNCH_ENV = ("LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 
 def inside_launch() -> bool:
-    """True when this process is one rank of a deepspeed / torchrun / mpirun launch."""
+    """True when this process is one rank of a deepspeed / torchrun / mpirun / ds-mtp slurm launch."""
+    adopt_slurm_env()
     return any(v in os.environ for v in LAUNCH_ENV)
+
+
+def adopt_slurm_env() -> None:
+    """Under srun started by ``ds-mtp launch --launcher slurm`` (which exports DS_MTP_SLURM=1, MASTER_ADDR
+    and MASTER_PORT), take this task's rank and world from Slurm, as the deepspeed launcher would set them.
+    A plain ``ds-mtp train`` inside an allocation is left alone."""
+    env = os.environ
+    if env.get("DS_MTP_SLURM") == "1" and "RANK" not in env and "SLURM_PROCID" in env:
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
 
 
 def is_launch_leader() -> bool:

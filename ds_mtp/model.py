@@ -216,13 +216,15 @@ class MTPModel(nn.Module):
             x = block(x)
         return self.heads(x, tokens, self.embed.weight)
 
-    def forward(self, tokens, doc_ids=None):
+    def forward(self, tokens, doc_ids=None, latent_targets=None, latent_mask=None):
+        """latent_targets [B, K−1, T, d] / latent_mask [B, T]: a teacher's anchors (ds_mtp.teacher)."""
         h, head_hidden = self.states(tokens)
         o = self.objective
         return lse_mtp_loss(h, head_hidden, tokens, self.unembed_weight, self.embed.weight,
                             lambda_latent=o.lambda_latent, lambda_semantic=o.lambda_semantic,
                             pad_id=self.pad_id, doc_ids=doc_ids, head_weights=o.head_weights,
-                            distance=o.distance)
+                            distance=o.distance, loss_impl=o.loss_impl, chunk_rows=o.chunk_rows,
+                            latent_targets=latent_targets, latent_mask=latent_mask)
 
     @torch.no_grad()
     def hidden(self, tokens):

@@ -10,6 +10,33 @@ from pathlib import Path
 from ds_mtp.data import write_atomic
 
 
+def model_flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), the usual MFU convention: 6 x the weights of every
+    matmul the token goes through (the unembedding once per head) + 12 x d x T per attention layer.
+    Norms, activations, the latent/semantic distances and the causal mask's saving are not counted."""
+    import torch.nn as nn
+
+    from ds_mtp.model import CausalSelfAttention
+
+    cfg = model.cfg
+    unembed = getattr(model.heads, "unembed", None)
+    linear = sum(getattr(m.weight, "ds_numel", m.weight.numel()) for m in model.modules()
+                 if isinstance(m, nn.Linear) and m is not unembed)
+    attention_layers = sum(isinstance(m, CausalSelfAttention) for m in model.modules())
+    return 6.0 * (linear + cfg.mtp_k * cfg.vocab_size * cfg.d_model) + 12.0 * attention_layers * cfg.d_model * seq_len
+
+
+def peak_memory_gib() -> float:
+    """This process's peak: allocated accelerator memory on GPU, resident set size on CPU."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
@@ -22,6 +49,9 @@ def read_metrics(path: str | Path) -> list[dict]:
             except json.JSONDecodeError:
                 break  # a torn last line from a killed run: the rows before it are intact
     return rows
+
+
+PERF_KEYS = ("tokens_per_s", "peak_mem_gib", "tflops_per_gpu", "mfu")
 
 
 class Monitor:
@@ -48,7 +78,9 @@ class Monitor:
         step = row["step"]
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)):
-                group = "loss" if key == "loss" or key.split("_")[0] in ("ce", "latent", "semantic", "acc") else "train"
+                prefix = key.split("_")[0]
+                group = "loss" if key == "loss" or prefix in ("ce", "latent", "semantic") else \
+                    "accuracy" if prefix == "acc" else "perf" if key in PERF_KEYS else "train"
                 self.writer.add_scalar(f"{group}/{key}", value, step)
 
     def close(self) -> None:

@@ -10,13 +10,23 @@ doc[t] == doc[t+k]}:
     loss        = Σ_k w_k ce[k] + λ_l Σ_k latent[k] + λ_s Σ_k semantic[k]
 
 Unlike the paper's code, padding and cross-document positions are masked out of the latent and
-semantic terms too.
+semantic terms too. The cross-entropy over the heads is computed either materialised (every head's
+logits kept for backward) or chunked (ds_mtp.fused_ce: one chunk of logits at a time, gradients formed
+in the forward pass); both give the same loss and gradients.
+
+External latent targets (ds_mtp.teacher): ``latent_targets`` [B, K−1, T, d] replaces sg h_{t+k−1}
+by sg latent_targets[:, k−2, t] (still a stop-gradient: the teacher is never trained through this
+loss), and ``latent_mask`` [B, T] keeps only the positions the teacher sampled in V_k of the latent
+term (the CE and semantic terms are unchanged).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ds_mtp.fused_ce import linear_cross_entropy
+
 
 def valid_mask(tokens: torch.Tensor, k: int, pad_id: int | None = None,
                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,6 +44,11 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _hit_rate(hits: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Share of valid rows whose argmax is the target; counted in float32, which bf16 could not count exactly."""
+    return hits.sum(dtype=torch.float32) / count.float()
+
+
 def _distance(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-position distance [N] between rows of pred and target [N, d]."""
     if kind == "mse":
@@ -41,45 +56,91 @@ def _distance(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
     return 1.0 - F.cosine_similarity(pred, target, dim=-1)
 
 
+LOSS_IMPLS = ("materialized", "chunked")
+
+
 def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens: torch.Tensor,
                  unembed: torch.Tensor, embed: torch.Tensor, *, lambda_latent: float = 0.1,
                  lambda_semantic: float = 0.1, pad_id: int | None = None,
-                 doc_ids: torch.Tensor | None = None, head_weights=None, distance: str = "mse") -> dict:
+                 doc_ids: torch.Tensor | None = None, head_weights=None, distance: str = "mse",
+                 loss_impl: str = "materialized", chunk_rows: int = 0,
+                 latent_targets: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None) -> dict:
     """LSE-MTP loss over K heads.
 
     hidden [B, T, d] final post-norm trunk states; head_hidden [B, K-1, T, d] (None when K = 1);
     tokens [B, T]; unembed [V, d]; embed [V, d]. Returns {"loss": scalar, "ce": [K], "latent": [K-1],
-    "semantic": [K-1]} (each a 0-dim tensor; a term without valid positions is 0).
+    "semantic": [K-1], "acc": [K]} (each a 0-dim tensor; a term without valid positions is 0). acc[k] is
+    head k's top-1 accuracy on V_k, a detached float32 for monitoring.
+
+    loss_impl "materialized" decodes each head's valid rows into a [N_k, V] logit matrix that autograd
+    keeps until backward (K of them alive at once); "chunked" decodes all heads' rows together in
+    chunks of chunk_rows (0 = auto) with gradients formed in the forward pass (ds_mtp.fused_ce), so
+    at most one chunk of logits exists. Both give the same loss and gradients; with "chunked" the
+    "ce" entries are detached values (only "loss" is differentiable).
+
+    latent_targets [B, K-1, T, d] (None = the model's own sg h_{t+k-1}) and latent_mask [B, T] bool
+    (None = every position) select the latent term's anchors, see the module docstring.
     """
     if distance not in ("mse", "cosine"):
         raise ValueError(f"distance must be 'mse' or 'cosine', got {distance!r}")
+    if loss_impl not in LOSS_IMPLS:
+        raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
     B, T, d = hidden.shape
     K = 1 + (head_hidden.shape[1] if head_hidden is not None else 0)
     weights = head_weights if head_weights is not None else [1.0] * K
     sg_hidden = hidden.detach()
+    if latent_targets is not None:
+        if latent_targets.shape != (B, K - 1, T, d):
+            raise ValueError(f"latent_targets must be [B, K-1, T, d] = {[B, K - 1, T, d]}, "
+                             f"got {list(latent_targets.shape)}")
+        latent_targets = latent_targets.detach()
     sg_embed = embed.detach()
-    ce, latent, semantic = [], [], []
-    loss = hidden.new_zeros(())
+    latent, semantic = [], []
+    loss = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    preds, targets, counts = [], [], []
     for k in range(1, K + 1):
         pred = (hidden if k == 1 else head_hidden[:, k - 2])[:, : T - k]  # [B, T-k, d]
         valid = valid_mask(tokens, k, pad_id, doc_ids)  # [B, T-k]
-        count = valid.sum().clamp(min=1).to(hidden.dtype)
-        target = tokens[:, k:].reshape(-1)  # [B*(T-k)]
+        count = valid.sum().clamp(min=1).to(loss.dtype)
         # Only the valid rows are decoded: invalid positions never cost a V-wide logit row.
         rows = valid.reshape(-1).nonzero().squeeze(1)
-        flat_pred = pred.reshape(-1, d).index_select(0, rows)  # [N, d]
-        logits = flat_pred @ unembed.t()  # [N, V]
-        ce_k = F.cross_entropy(_at_least_fp32(logits), target.index_select(0, rows),
-                               reduction="sum") / count
-        ce.append(ce_k)
-        loss = loss + weights[k - 1] * ce_k
+        flat_pred = pred.reshape(-1, d).index_select(0, rows)  # [N_k, d]
+        target = tokens[:, k:].reshape(-1).index_select(0, rows)  # [N_k]
+        preds.append(flat_pred)
+        targets.append(target)
+        counts.append(count)
         if k == 1:
             continue
-        future = sg_hidden[:, k - 1: T - 1].reshape(-1, d).index_select(0, rows)  # h_{t+k-1}  [N, d]
-        anchor = F.embedding(target.index_select(0, rows), sg_embed)  # E[x_{t+k}]  [N, d]
-        latent_k = _distance(_at_least_fp32(flat_pred), _at_least_fp32(future), distance).sum() / count
+        if latent_targets is None:
+            future = sg_hidden[:, k - 1: T - 1].reshape(-1, d).index_select(0, rows)  # h_{t+k-1}  [N_k, d]
+        else:
+            future = latent_targets[:, k - 2, : T - k].reshape(-1, d).index_select(0, rows)  # [N_k, d]
+        anchor = F.embedding(target, sg_embed)  # E[x_{t+k}]  [N_k, d]
+        latent_dist = _distance(_at_least_fp32(flat_pred), _at_least_fp32(future), distance)  # [N_k]
+        if latent_mask is None:
+            latent_k = latent_dist.sum() / count
+        else:
+            keep = latent_mask[:, : T - k].reshape(-1).index_select(0, rows)  # [N_k]
+            latent_k = (latent_dist * keep).sum() / keep.sum().clamp(min=1)
         semantic_k = _distance(_at_least_fp32(flat_pred), _at_least_fp32(anchor), distance).sum() / count
         latent.append(latent_k)
         semantic.append(semantic_k)
         loss = loss + lambda_latent * latent_k + lambda_semantic * semantic_k
-    return {"loss": loss, "ce": ce, "latent": latent, "semantic": semantic}
+    if loss_impl == "materialized":
+        ce, acc = [], []
+        for p, y, n in zip(preds, targets, counts):
+            logits = p @ unembed.t()  # [N_k, V]
+            ce.append(F.cross_entropy(_at_least_fp32(logits), y, reduction="sum") / n)
+            acc.append(_hit_rate(logits.detach().argmax(-1) == y, n))
+        loss = loss + sum(w * c for w, c in zip(weights, ce))
+    else:
+        # One pass over every head's rows; row i of head k weighs w_k / N_k so the sum is Σ_k w_k ce[k].
+        sizes = [len(y) for y in targets]
+        row_scale = torch.cat([torch.full((n,), w, dtype=loss.dtype, device=hidden.device) / c
+                               for n, w, c in zip(sizes, weights, counts)])
+        weighted_ce, ce_rows, hits = linear_cross_entropy(torch.cat(preds), unembed, torch.cat(targets),
+                                                          row_scale, chunk_rows)
+        ce = [rows_k.sum() / c for rows_k, c in zip(ce_rows.split(sizes), counts)]
+        acc = [_hit_rate(hits_k, c) for hits_k, c in zip(hits.split(sizes), counts)]
+        loss = loss + weighted_ce
+    return {"loss": loss, "ce": ce, "latent": latent, "semantic": semantic, "acc": acc}

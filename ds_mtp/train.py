@@ -42,9 +42,12 @@ def resolve_data(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool) -> RunConfig:
+def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool, nproc: int = 0) -> RunConfig:
     """Validate data and run directory; write RUN_DIR/config.json for a new run."""
+    from ds_mtp.teacher import check_teacher
+
     cfg = resolve_data(cfg)
+    check_teacher(cfg, read_meta(cfg.data.path), nproc)
     run_dir = Path(run_dir)
     saved = run_dir / CONFIG_NAME
     has_checkpoint = (run_dir / CHECKPOINT_DIR / "latest").is_file()
@@ -79,7 +82,11 @@ def _set_threads() -> None:
     """On CPU, give each local rank its share of the cores instead of letting every rank take all."""
     if torch.cuda.is_available():
         return
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    local_world = 1
+    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "WORLD_SIZE", "PMI_SIZE"):
+        if var in os.environ:  # deepspeed/torchrun, then Open MPI and MPICH (set before MPI discovery)
+            local_world = int(os.environ[var])
+            break
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
 
 
@@ -99,14 +106,20 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
 
     from ds_mtp.engine import build_engine, consolidated_state_dict, init_distributed
     from ds_mtp.model import count_parameters, save_exported
-    from ds_mtp.monitor import Monitor
+    from ds_mtp.monitor import Monitor, model_flops_per_token, peak_memory_gib
+    from ds_mtp.teacher import connect_bridge, open_feed, run_teacher_rank, split_roles
 
     run_dir = Path(run_dir)
     _quiet_libraries()
+    cfg = resolve_data(cfg)
+    layout = split_roles(cfg)  # before DeepSpeed: teacher ranks must not be in the trainers' world
     _set_threads()
+    if layout is not None and layout.is_teacher:
+        run_teacher_rank(cfg, layout)
+        return {}
+    bridge = connect_bridge(layout, cfg.teacher.startup_timeout) if layout is not None else (None, None)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = resolve_data(cfg)
     meta = read_meta(cfg.data.path)
     pad_id = meta.special_ids.get("pad")
     engine, model = build_engine(cfg, pad_id)
@@ -129,6 +142,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     monitor = Monitor(run_dir, resume_step=start_step, enabled=rank == 0)
     K = cfg.model.mtp_k
     tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * world
+    flops_per_token = model_flops_per_token(model, t.seq_len) if torch.cuda.is_available() else 0.0
     if rank == 0:
         print(f"[ds-mtp] {count_parameters(model):,} parameters, K={K} ({cfg.model.head_type}), ZeRO-{t.zero_stage}, "
               f"{world} rank(s) on {device}, {tokens_per_step} tokens/step, steps {start_step}->{t.max_steps}",
@@ -141,29 +155,47 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         dist.barrier()
 
     end_step = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
+    feed = open_feed(cfg, layout, bridge[1], device, rank, meta)
+    if feed is not None:
+        feed.start(start_step * t.grad_accum, end_step * t.grad_accum)
     last: dict = {}
     for step in range(start_step, end_step):
         started = time.perf_counter()
         lr = engine.get_lr()[0]
-        sums = torch.zeros(1 + 3 * K, dtype=torch.float64)
+        sums = torch.zeros(1 + 4 * K, dtype=torch.float64)
         for micro in range(t.grad_accum):
-            batch = sampler.batch(step * t.grad_accum + micro)
-            out = engine(batch.tokens.to(device), batch.doc_ids.to(device))
+            micro_index = step * t.grad_accum + micro
+            batch = sampler.batch(micro_index)
+            latent = feed.targets(micro_index, batch.tokens) if feed is not None else (None, None)
+            out = engine(batch.tokens.to(device), batch.doc_ids.to(device), *latent)
             engine.backward(out["loss"])
             engine.step()
-            terms = [out["loss"], *out["ce"], *out["latent"], *out["semantic"]]
+            terms = [out["loss"], *out["ce"], *out["latent"], *out["semantic"], *out["acc"]]
             sums[: len(terms)] += torch.stack([x.detach().float().cpu() for x in terms]).double()
-        if world > 1:
+        if world > 1:  # on the engine's device: NCCL reduces only GPU tensors
+            sums = sums.to(device)
             dist.all_reduce(sums)
+            sums = sums.cpu()
         sums /= t.grad_accum * world
         grad_norm = engine.get_global_grad_norm()
         elapsed = time.perf_counter() - started
+        peak = torch.tensor([peak_memory_gib()], dtype=torch.float64)
+        if world > 1:
+            peak = peak.to(device)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the rank closest to running out
         row = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": sums[0].item()}
         row.update({f"ce_{k}": sums[k].item() for k in range(1, K + 1)})
         row.update({f"latent_{k}": sums[K + k - 1].item() for k in range(2, K + 1)})
         row.update({f"semantic_{k}": sums[2 * K + k - 2].item() for k in range(2, K + 1)})
+        row.update({f"acc_{k}": sums[3 * K + k - 2].item() for k in range(1, K + 1)})
         row.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
-                   tokens_per_s=tokens_per_step / elapsed)
+                   tokens_per_s=tokens_per_step / elapsed, peak_mem_gib=peak.item())
+        if flops_per_token:
+            row["tflops_per_gpu"] = flops_per_token * tokens_per_step / elapsed / world / 1e12
+            if t.peak_tflops:
+                row["mfu"] = row["tflops_per_gpu"] / t.peak_tflops
+        if feed is not None:  # rank 0's time blocked on latent targets this step (overlap check)
+            row["teacher_wait_s"], feed.wait_s = feed.wait_s, 0.0
         monitor.log(row)
         last = row
         if rank == 0 and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps):
@@ -171,6 +203,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
                   f"lr {lr:.2e} {row['tokens_per_s']:.0f} tok/s", flush=True)
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < end_step:
             save(step + 1)
+    if feed is not None:
+        feed.close()
     if start_step < end_step:
         save(end_step)
     if t.save_model and end_step == t.max_steps:

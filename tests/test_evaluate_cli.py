@@ -65,4 +65,12 @@ def test_eval_prints_a_table_and_writes_json(world_dir, tmp_path, capsys):
     assert "vocabulary" in capsys.readouterr().err
     assert main(["eval", "--model", str(run_dir), "--world", str(tmp_path), "--out", str(out)]) == 2
     assert main(["eval", "--model", str(run_dir), "--world", str(world_dir), "--metrics", "isp"]) == 2
+    assert main(["eval", "--model", str(run_dir), "--world", str(world_dir), "--set", "path_pairs=many",
+                 "--out", str(out)]) == 2
+    assert "expected int" in capsys.readouterr().err
+    assert main(["eval", "--model", str(run_dir), "--world", str(world_dir), "--set", "pairs=3"]) == 2
     assert out.read_bytes() == before  # failed runs leave earlier results alone
+    assert main(["eval", "--model", str(run_dir), "--world", str(world_dir), "--scale", "quick", "--metrics", "detour",
+                 "--set", "detour_probs=[0.2, 0.3]", "--set", "detour_trials=7", "--out", str(out)]) == 0
+    detour = json.loads(out.read_text())["metrics"]["detour"]
+    assert set(detour) == {"random_valid_p0.2", "random_valid_p0.3"} and detour["random_valid_p0.2"]["trials"] == 7

@@ -1,6 +1,5 @@
 """The LSE-MTP paper's metrics on models built to give known answers."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -94,3 +93,13 @@ def test_belief_groups_separate_history_from_state(world):
     # the prompt-and-one-move prefixes fit a short context
     short = belief_similarity(LegalUniformOracle(world), world, num_trials=50, max_len=5)
     assert short["same_node_same_goal"]["trials"] > 0
+
+
+def test_belief_can_read_the_papers_position(world):
+    oracle = LegalUniformOracle(world)
+    earlier = belief_similarity(oracle, world, num_trials=200, seed=1, read_at="second_to_last")
+    # one token earlier the two prefixes of a state may still be at different nodes: below 1
+    assert earlier["read_at"] == "second_to_last" and 0.5 <= earlier["compression"] < 1.0
+    from ds_mtp.errors import UserError
+    with pytest.raises(UserError, match="read_at"):
+        belief_similarity(oracle, world, num_trials=5, read_at="first")

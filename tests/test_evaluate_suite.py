@@ -129,3 +129,12 @@ def test_exported_model_runs_every_metric_within_its_context(world, world_dir, t
     h = headline(results)
     assert 0.0 <= h["next_token_validity"] <= 1.0 and 0.0 <= h["probe_accuracy"] <= 1.0
     assert np.isfinite(list(h.values())).all()
+
+
+def test_same_seed_same_numbers(world):
+    model = UniformModel(world.vocab_size)
+    metrics = ["paths", "compression", "distinction", "detour", "belief", "probe"]
+    a = evaluate_all(model, world, "quick", seed=4, metrics=metrics)["metrics"]
+    b = evaluate_all(model, world, "quick", seed=4, metrics=metrics)["metrics"]
+    c = evaluate_all(model, world, "quick", seed=5, metrics=metrics)["metrics"]
+    assert a == b and a != c

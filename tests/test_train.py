@@ -10,7 +10,8 @@ COMMON = ["model.preset=tiny", "model.mtp_k=3", "train.seq_len=32", "train.micro
 
 
 def keys_for(K):
-    return {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", *(f"ce_{k}" for k in range(1, K + 1)),
+    return {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gib",
+            *(f"ce_{k}" for k in range(1, K + 1)), *(f"acc_{k}" for k in range(1, K + 1)),
             *(f"latent_{k}" for k in range(2, K + 1)), *(f"semantic_{k}" for k in range(2, K + 1))}
 
 

@@ -149,6 +149,7 @@ class WorldIndex:
         # reversed graph: a BFS from v over it gives every node's distance *to* v
         self._reverse = csr_matrix((np.ones(len(edges)), (edges[:, 1], edges[:, 0])), shape=(n, n))
         self._dist: dict[int, np.ndarray] = {}
+        self._walks: dict[tuple[int, int], list[np.ndarray]] = {}
         self._cache_size = cache_size
         self.predecessors = [[] for _ in range(n)]
         for u, v in self.graph.edges:
@@ -167,19 +168,45 @@ class WorldIndex:
             self._dist[target] = d
         return d
 
+    def backward_counts(self, goal: int, max_moves: int) -> list[np.ndarray]:
+        """``W[m][v]``, proportional to the number of backward walks of m moves from v (to
+        predecessors) that never visit ``goal``; each level is scaled to max 1 (only ratios within a
+        level matter, and raw counts overflow)."""
+        key = (goal, max_moves)
+        counts = self._walks.get(key)
+        if counts is None:
+            allowed = np.ones(self.graph.num_nodes)
+            allowed[goal] = 0.0
+            counts = [allowed]
+            for _ in range(max_moves):
+                level = allowed * (self._reverse @ counts[-1])
+                top = level.max()
+                counts.append(level / top if top > 0 else level)
+            if len(self._walks) >= 64:
+                self._walks.pop(next(iter(self._walks)))
+            self._walks[key] = counts
+        return counts
+
+    def prefix_lengths(self, node: int, goal: int, max_moves: int) -> set[int]:
+        """Move counts 1..max_moves for which a backward walk from ``node`` avoiding ``goal`` exists."""
+        counts = self.backward_counts(goal, max_moves)
+        return {m for m in range(1, max_moves + 1) if counts[m][node] > 0}
+
     def backward_prefix(self, node: int, goal: int, moves: int, rng: np.random.Generator) -> list[int] | None:
-        """Vafa et al.'s prefix sampler: a random walk of ``moves`` steps *backwards* from ``node``
-        (uniform predecessor each step), written forwards as ``origin goal move…`` ending at ``node``.
-        None when the walk hits a node without predecessors or passes through ``goal`` (a path model
-        is trained to stop there)."""
+        """Vafa et al.'s prefix sampler, conditioned to succeed: a random walk of ``moves`` steps
+        *backwards* from ``node``, written forwards as ``origin goal move…`` ending at ``node``,
+        drawn uniformly among the walks that never visit ``goal`` (a path model is trained to stop
+        there) and never get stuck at a node without predecessors. Vafa's sampler takes a uniform
+        predecessor per step and fails on such walks; on sparse graphs (ER) nearly all long ones do.
+        None when no such walk exists."""
+        counts = self.backward_counts(goal, moves)
+        if node == goal or counts[moves][node] <= 0:
+            return None
         walk = [node]
-        for _ in range(moves):
+        for left in range(moves, 0, -1):
             preds = self.predecessors[walk[-1]]
-            if not preds:
-                return None
-            walk.append(preds[int(rng.integers(len(preds)))])
-            if walk[-1] == goal:
-                return None
+            weights = np.array([counts[left - 1][p] for p in preds])
+            walk.append(preds[int(rng.choice(len(preds), p=weights / weights.sum()))])
         walk.reverse()
         return [walk[0], goal] + [self.tok.move_token(a, b) for a, b in zip(walk, walk[1:])]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ds_mtp.errors import UserError
 from ds_mtp.evaluate.common import WorldIndex, cosine_rows, heldout_sequences, hidden_at, last_probs
 
 
@@ -113,7 +114,7 @@ BELIEF_GROUPS = ("same_node_same_goal", "same_node_diff_goal", "diff_node_same_g
 
 
 def belief_similarity(model, world, num_trials: int = 1000, seed: int = 0, max_len: int = 128,
-                      batch_size: int = 256) -> dict:
+                      batch_size: int = 256, read_at: str = "last") -> dict:
     """Mean cosine similarity of the states of two prefixes, per group of (current node, goal) relation.
 
     Each prefix is the start of a hop-shortest path towards its goal that has made at least one
@@ -121,8 +122,12 @@ def belief_similarity(model, world, num_trials: int = 1000, seed: int = 0, max_l
     compression = similarity in ``same_node_same_goal`` (different histories, one world state: a
     consistent world model maps them together); goal distinction = same_node_same_goal −
     same_node_diff_goal (the goal is part of the state); node distinction = same_node_same_goal −
-    diff_node_same_goal.
+    diff_node_same_goal. ``read_at="second_to_last"`` reads the states one token earlier, as the
+    paper's script does (before the last move was made).
     """
+    if read_at not in ("last", "second_to_last"):
+        raise UserError(f"belief read_at must be 'last' or 'second_to_last' (got {read_at!r})")
+    back = 1 if read_at == "last" else 2
     index = WorldIndex(world)
     n = world.graph.num_nodes
     rng = np.random.default_rng([seed, 17])
@@ -148,8 +153,8 @@ def belief_similarity(model, world, num_trials: int = 1000, seed: int = 0, max_l
         if not firsts:
             result[group] = {"cosine": None, "trials": 0}
             continue
-        h1 = hidden_at(model, firsts, [[len(p) - 1] for p in firsts], world, batch_size)
-        h2 = hidden_at(model, seconds, [[len(p) - 1] for p in seconds], world, batch_size)
+        h1 = hidden_at(model, firsts, [[len(p) - back] for p in firsts], world, batch_size)
+        h2 = hidden_at(model, seconds, [[len(p) - back] for p in seconds], world, batch_size)
         result[group] = {"cosine": float(cosine_rows(h1, h2).mean()), "trials": len(firsts)}
 
     def cos(group):
@@ -158,6 +163,7 @@ def belief_similarity(model, world, num_trials: int = 1000, seed: int = 0, max_l
     def diff(a, b):
         return None if cos(a) is None or cos(b) is None else cos(a) - cos(b)
 
+    result["read_at"] = read_at
     result["compression"] = cos("same_node_same_goal")
     result["goal_distinction"] = diff("same_node_same_goal", "same_node_diff_goal")
     result["node_distinction"] = diff("same_node_same_goal", "diff_node_same_goal")

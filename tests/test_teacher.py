@@ -1,0 +1,335 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, make_token_data, run_cli
+from ds_mtp.config import ModelConfig, load_config
+from ds_mtp.data import TokenShards, WindowSampler, read_meta, write_documents
+from ds_mtp.engine import free_port
+from ds_mtp.errors import UserError
+from ds_mtp.model import MTPModel, load_exported, save_exported
+from ds_mtp.objective import lse_mtp_loss, valid_mask
+from ds_mtp.teacher import CheckpointTeacher, LocalFeed, fixed_projection, head_targets
+from ds_mtp.train import resolve_data
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A frozen exported ds-mtp model of width 32 (vocab 64, like conftest's token data)."""
+    torch.manual_seed(0)
+    model = MTPModel(ModelConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, max_seq_len=64, mtp_k=3))
+    return save_exported(model, model.state_dict(), tmp_path_factory.mktemp("teacher") / "model")
+
+
+def run_config(data, teacher_dir, *extra):
+    return resolve_data(load_config(None, [
+        f"data.path={data}", "model.preset=tiny", "model.d_model=32", "model.n_layer=1", "model.mtp_k=3",
+        "train.seq_len=32", "train.micro_batch=4", f"teacher.source=checkpoint:{teacher_dir}", *extra]))
+
+
+def test_checkpoint_teacher_states_are_the_models_hidden_states(token_data, teacher_dir):
+    tokens = torch.randint(0, 64, (3, 32))
+    frozen = load_exported(teacher_dir)
+    teacher = CheckpointTeacher(run_config(token_data, teacher_dir), "cpu")
+    assert torch.equal(teacher.states(tokens), frozen.hidden(tokens))
+    # an inner layer: block 1's output through the teacher's final norm
+    inner = CheckpointTeacher(run_config(token_data, teacher_dir, "teacher.layer=1"), "cpu")
+    with torch.no_grad():
+        expected = frozen.heads.norm(frozen.blocks[0](frozen.embed(tokens)))
+    assert torch.equal(inner.states(tokens), expected)
+    assert not torch.allclose(inner.states(tokens), teacher.states(tokens))
+    # a wider student: the fixed, seeded projection of the same states
+    wide = CheckpointTeacher(run_config(token_data, teacher_dir, "model.d_model=48", "model.n_head=2"), "cpu")
+    projection = fixed_projection(32, 48, seed=0)
+    assert torch.allclose(wide.states(tokens), frozen.hidden(tokens) @ projection, atol=1e-6)
+    assert torch.allclose(projection @ projection.t(), torch.eye(32) * 48 / 32, atol=1e-5)  # RMS-preserving
+    assert torch.equal(projection, fixed_projection(32, 48, seed=0))
+    assert not torch.equal(projection, fixed_projection(32, 48, seed=1))
+
+
+def test_teacher_config_errors(token_data, teacher_dir, tmp_path):
+    bad = [("teacher.source=bert", "teacher.source must be"),
+           ("teacher.source=checkpoint:", "teacher.source must be"),
+           ("teacher.ranks=1", "teacher ranks need"),
+           ("teacher.prefetch=0", "teacher.prefetch must be at least 1"),
+           ("teacher.timeout=0", "teacher.timeout and teacher.startup_timeout must be positive"),
+           ("teacher.startup_timeout=-1", "teacher.timeout and teacher.startup_timeout must be positive")]
+    for override, message in bad:
+        with pytest.raises(UserError, match=message):
+            load_config(None, [override])
+    with pytest.raises(UserError, match="mtp_k=1"):
+        load_config(None, [f"teacher.source=checkpoint:{teacher_dir}"])
+    from ds_mtp.teacher import check_teacher
+
+    meta = read_meta(token_data)
+    with pytest.raises(UserError, match="not an exported ds-mtp model"):
+        check_teacher(run_config(token_data, tmp_path), meta)
+    with pytest.raises(UserError, match="teacher.layer=5 is not a block"):
+        check_teacher(run_config(token_data, teacher_dir, "teacher.layer=5"), meta)
+    with pytest.raises(UserError, match="must share the tokenizer"):
+        check_teacher(run_config(token_data, teacher_dir, "model.vocab_size=100"), meta)
+    with pytest.raises(UserError, match="leaves no trainer"):
+        check_teacher(run_config(token_data, teacher_dir, "teacher.ranks=2"), meta, nproc=2)
+
+
+def _reference_loss(hidden, head_hidden, tokens, unembed, embed, targets, mask, lam_l, lam_s):
+    """The LSE-MTP loss written out position by position, anchored to the given targets."""
+    B, T, d = hidden.shape
+    K = 1 + head_hidden.shape[1]
+    loss = 0.0
+    for k in range(1, K + 1):
+        ce_sum, lat_sum, sem_sum, n, n_lat = 0.0, 0.0, 0.0, 0, 0
+        for b in range(B):
+            for t in range(T - k):
+                pred = hidden[b, t] if k == 1 else head_hidden[b, k - 2, t]
+                ce_sum = ce_sum + torch.nn.functional.cross_entropy((pred @ unembed.t())[None], tokens[b, t + k][None])
+                n += 1
+                if k >= 2:
+                    sem_sum = sem_sum + (pred - embed[tokens[b, t + k]]).pow(2).mean()
+                    if mask is None or mask[b, t]:
+                        lat_sum = lat_sum + (pred - targets[b, k - 2, t]).pow(2).mean()
+                        n_lat += 1
+        loss = loss + ce_sum / n
+        if k >= 2:
+            loss = loss + lam_l * lat_sum / max(n_lat, 1) + lam_s * sem_sum / n
+    return loss
+
+
+def test_objective_with_external_latent_targets():
+    torch.manual_seed(1)
+    B, T, d, V, K = 2, 7, 8, 11, 3
+    hidden = torch.randn(B, T, d, requires_grad=True)
+    head_hidden = torch.randn(B, K - 1, T, d, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T))
+    unembed, embed = torch.randn(V, d), torch.randn(V, d)
+    # self-anchoring expressed as external targets is exactly the default objective
+    default = lse_mtp_loss(hidden, head_hidden, tokens, unembed, embed, lambda_latent=0.3)
+    as_targets = lse_mtp_loss(hidden, head_hidden, tokens, unembed, embed, lambda_latent=0.3,
+                              latent_targets=head_targets(hidden, K, shifted=True))
+    assert torch.allclose(default["loss"], as_targets["loss"], atol=1e-6)
+    # arbitrary targets and a stride mask against the written-out reference
+    targets = torch.randn(B, K - 1, T, d, requires_grad=True)
+    mask = (torch.arange(T) % 2 == 0).expand(B, T)
+    for m in (None, mask):
+        out = lse_mtp_loss(hidden, head_hidden, tokens, unembed, embed, lambda_latent=0.3, lambda_semantic=0.2,
+                           latent_targets=targets, latent_mask=m)
+        ref = _reference_loss(hidden, head_hidden, tokens, unembed, embed, targets, m, 0.3, 0.2)
+        assert torch.allclose(out["loss"], ref, atol=1e-5)
+    # stop-gradient: the teacher's targets never receive a gradient; the predictions do
+    out["loss"].backward()
+    assert targets.grad is None and head_hidden.grad is not None
+    with pytest.raises(ValueError, match="latent_targets must be"):
+        lse_mtp_loss(hidden, head_hidden, tokens, unembed, embed, latent_targets=targets[:, :1])
+    # a per-position (unshifted) source gives every head the same anchor
+    states = torch.randn(B, T, d)
+    per_head = head_targets(states, K, shifted=False)
+    assert torch.equal(per_head[:, 0], states) and torch.equal(per_head[:, 1], states)
+
+
+def test_local_feed_matches_teacher_on_the_samplers_batches(token_data, teacher_dir):
+    cfg = run_config(token_data, teacher_dir)
+    teacher = CheckpointTeacher(cfg, "cpu")
+    sampler = WindowSampler(TokenShards(token_data, "train"), 32, 4, seed=cfg.train.seed)
+    feed = LocalFeed(cfg, teacher, "cpu")
+    batch = sampler.batch(3)
+    targets, mask = feed.targets(3, batch.tokens)
+    states = load_exported(teacher_dir).hidden(batch.tokens)
+    assert mask is None and targets.shape == (4, 2, 32, 32)
+    assert torch.equal(targets[:, 1, :30], states[:, 2:])  # head 3 at t is anchored to g_{t+2}
+
+
+# ---- trainer / teacher processes over the bridge (no DeepSpeed: the feed and the serve loop themselves)
+
+BRIDGE_PROBE = r"""
+import os, sys, time, torch
+from ds_mtp.config import load_config
+from ds_mtp.train import resolve_data
+from ds_mtp.teacher import split_roles, connect_bridge, run_teacher_rank, RemoteFeed, TeacherError
+out_dir, (first, end), pause = sys.argv[1], map(int, sys.argv[2].split(":")), float(sys.argv[3])
+cfg = resolve_data(load_config(None, sys.argv[4:]))
+layout = split_roles(cfg)
+try:
+    if layout.is_teacher:
+        run_teacher_rank(cfg, layout)
+        sys.exit(0)
+    store, group = connect_bridge(layout, cfg.teacher.startup_timeout)
+    feed = RemoteFeed(cfg, layout, group, "cpu", layout.global_rank)
+    feed.start(first, end)  # first > 0: a resumed run
+    for micro in range(first, end):
+        targets, _ = feed.targets(micro)
+        torch.save(targets.clone(), os.path.join(out_dir, f"rank{layout.global_rank}_micro{micro}.pt"))
+        print(f"micro {micro}", flush=True)
+        time.sleep(pause)
+    feed.close()
+except TeacherError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+"""
+
+
+def _start_ranks(world: int, args: list[str], started: int | None = None) -> list[subprocess.Popen]:
+    port = free_port()
+    procs = []
+    for rank in range(world if started is None else started):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", BRIDGE_PROBE, *args], env=env, cwd=REPO, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+@pytest.mark.multiprocess
+def test_two_trainers_receive_the_teachers_latents(token_data, teacher_dir, tmp_path):
+    overrides = [f"data.path={token_data}", "model.preset=tiny", "model.d_model=32", "model.n_layer=1",
+                 "model.mtp_k=3", "train.seq_len=32", "train.micro_batch=4", "train.seed=7",
+                 f"teacher.source=checkpoint:{teacher_dir}", "teacher.ranks=1", "teacher.timeout=60"]
+    procs = _start_ranks(3, [str(tmp_path), "2:7", "0", *overrides])
+    outputs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-2000:] for o in outputs]
+    assert "served 10 micro-batches" in outputs[2][1]
+    frozen = load_exported(teacher_dir)
+    shards = TokenShards(token_data, "train")
+    for rank in (0, 1):
+        sampler = WindowSampler(shards, 32, 4, seed=7, dp_rank=rank, dp_size=2)
+        for micro in range(2, 7):
+            received = torch.load(tmp_path / f"rank{rank}_micro{micro}.pt")
+            expected = head_targets(frozen.hidden(sampler.batch(micro).tokens), 3, shifted=True)
+            assert torch.equal(received, expected), (rank, micro)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("failure", ["stall", "death"])
+def test_a_stalled_or_dead_teacher_stops_the_trainer_within_the_timeout(token_data, teacher_dir, tmp_path, failure):
+    overrides = [f"data.path={token_data}", "model.preset=tiny", "model.d_model=32", "model.n_layer=1",
+                 "model.mtp_k=3", "train.seq_len=32", "train.micro_batch=4",
+                 f"teacher.source=checkpoint:{teacher_dir}", "teacher.ranks=1", "teacher.timeout=4"]
+    trainer, teacher = _start_ranks(2, [str(tmp_path), "0:100000", "0.05", *overrides])
+    try:
+        assert trainer.stdout.readline().strip() == "micro 0"
+        teacher.send_signal(signal.SIGSTOP if failure == "stall" else signal.SIGKILL)
+        stopped = time.monotonic()
+        _, err = trainer.communicate(timeout=60)
+        waited = time.monotonic() - stopped
+    finally:
+        teacher.send_signal(signal.SIGKILL)
+        teacher.wait()
+    assert trainer.returncode == 3
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: teacher rank 1"), err[-2000:]
+    if failure == "stall":
+        assert "nothing within teacher.timeout=4 s" in lines[0]
+        assert 3 < waited < 4 + 30  # 2 prefetched micro-batches, then the 4 s timeout (slack: a loaded machine)
+    else:
+        assert waited < 4 + 30
+
+
+@pytest.mark.multiprocess
+def test_train_with_teacher_ranks_lowers_the_latent_term(token_data, teacher_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", "--nproc", "3", "--run-dir", str(run_dir), f"data.path={token_data}",
+                     "model.preset=tiny", "model.d_model=32", "model.n_layer=1", "model.mtp_k=3",
+                     "train.seq_len=32", "train.micro_batch=4", "train.max_steps=14", "train.save_model=false",
+                     "train.lr=3e-3", "train.warmup_steps=0", "objective.lambda_latent=1.0", f"teacher.source=checkpoint:{teacher_dir}", "teacher.ranks=1",
+                     env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 rank(s)" in result.stdout  # the teacher rank is not in the trainers' world
+    assert "served 28 micro-batches" in result.stdout + result.stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    latent = [r["latent_2"] + r["latent_3"] for r in rows]
+    assert len(rows) == 14 and sum(latent[-4:]) < 0.8 * sum(latent[:4])
+    assert (run_dir / "checkpoints" / "latest").is_file()
+
+
+def test_teacher_ranks_need_a_trainer_one_line_error(token_data, teacher_dir, tmp_path):
+    result = run_cli("train", "--nproc", "1", "--run-dir", str(tmp_path / "r"), f"data.path={token_data}",
+                     "model.preset=tiny", "model.mtp_k=3", "train.seq_len=32",
+                     "--lse-target", f"checkpoint:{teacher_dir}", "--teacher-ranks", "1")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: teacher.ranks=1 leaves no trainer among --nproc 1 ranks"
+    result = run_cli("train", "--run-dir", str(tmp_path / "r"), f"data.path={token_data}", "model.mtp_k=3",
+                     "train.seq_len=32", f"teacher.source=checkpoint:{tmp_path}")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "is not an exported ds-mtp model" in result.stderr
+    assert not (tmp_path / "r").exists()  # nothing written for a run that cannot start
+
+
+# ---- sentence encoder: a tiny sentence-transformers directory made here (no download)
+
+
+@pytest.fixture(scope="module")
+def tiny_sentence_encoder(tmp_path_factory) -> Path:
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers import SentenceTransformer
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    root = tmp_path_factory.mktemp("encoder")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"t{i}" for i in range(64)]
+    (root / "vocab.txt").write_text("\n".join(words) + "\n")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=48, max_position_embeddings=64)).save_pretrained(root / "hf")
+    BertTokenizer(str(root / "vocab.txt"), do_lower_case=False).save_pretrained(root / "hf")
+    try:
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers import models
+    encoder = SentenceTransformer(modules=[models.Transformer(str(root / "hf"), max_seq_length=32),
+                                           models.Pooling(24, "mean"), models.Normalize()])
+    encoder.save(str(root / "st"))
+    return root / "st"
+
+
+def test_sentence_teacher_embeds_the_decoded_future_window(tmp_path, tiny_sentence_encoder):
+    from sentence_transformers import SentenceTransformer
+
+    from ds_mtp.teacher import SentenceTeacher, check_teacher
+
+    data = make_token_data(tmp_path / "plain")
+    overrides = ["model.preset=tiny", "model.d_model=32", "model.mtp_k=3", "train.seq_len=16",
+                 f"teacher.source=sentence:{tiny_sentence_encoder}", "teacher.stride=4"]
+    cfg = resolve_data(load_config(None, [f"data.path={data}", *overrides]))
+    with pytest.raises(UserError, match="no extra.vocab"):
+        check_teacher(cfg, read_meta(data))
+    docs = [torch.arange(s, s + 20).remainder(60).tolist() + [61] for s in range(0, 60, 7)]
+    vocab = [f"t{i}" for i in range(64)]
+    write_documents(tmp_path / "worded", {"train": docs}, vocab_size=64, special_ids={"pad": 62, "eos": 61},
+                    extra={"vocab": vocab})
+    cfg = resolve_data(load_config(None, [f"data.path={tmp_path / 'worded'}", *overrides]))
+    meta = read_meta(tmp_path / "worded")
+    check_teacher(cfg, meta)
+    teacher = SentenceTeacher(cfg, "cpu", meta)
+    tokens = torch.tensor([docs[0][:16], docs[1][:16]])
+    states = teacher.states(tokens)  # [2, 16, 32]
+    mask = SentenceTeacher.position_mask(cfg, 2)
+    assert states.shape == (2, 16, 32) and mask[0].tolist() == [t % 4 == 0 for t in range(16)]
+    assert torch.all(states[~mask] == 0)
+    assert torch.allclose(states[mask].norm(dim=-1), torch.full((8,), 32 ** 0.5), atol=1e-4)
+    encoder = SentenceTransformer(str(tiny_sentence_encoder), device="cpu")
+    text = " ".join(vocab[i] for i in docs[1][5:8])  # x_{t+1..t+K} at t=4, K=3
+    assert teacher.window_text(tokens[1].tolist(), 4) == text
+    z = encoder.encode([text], convert_to_tensor=True, normalize_embeddings=True).float() @ fixed_projection(24, 32, 0)
+    assert torch.allclose(states[1, 4], (z * 32 ** 0.5 / z.norm())[0], atol=1e-5)
+    targets, _ = LocalFeed(cfg, teacher, "cpu").targets(0, tokens)
+    assert torch.equal(targets[:, 0], targets[:, 1])  # one anchor for every head at t
+
+
+@pytest.mark.multiprocess
+def test_a_teacher_that_never_starts_fails_the_rendezvous(token_data, teacher_dir, tmp_path):
+    overrides = [f"data.path={token_data}", "model.preset=tiny", "model.d_model=32", "model.n_layer=1",
+                 "model.mtp_k=3", "train.seq_len=32", "train.micro_batch=4",
+                 f"teacher.source=checkpoint:{teacher_dir}", "teacher.ranks=1", "teacher.startup_timeout=2"]
+    trainer, = _start_ranks(2, [str(tmp_path), "0:5", "0", *overrides], started=1)  # the teacher never starts
+    _, err = trainer.communicate(timeout=120)
+    assert trainer.returncode == 3
+    last = err.strip().splitlines()[-1]  # (torch's C++ store may log a warning line before it)
+    assert last.startswith("error: rank 0: trainer-teacher rendezvous on 127.0.0.1:"), err[-2000:]
+    assert "failed within 2 s" in last
