@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("reproduce", help="train NTP / MTP / LSE-MTP over seeds on a world, evaluate, report mean ± 95% CI")
+    p = sub.add_parser("reproduce", help="train NTP / MTP / LSE-MTP over seeds on a world, evaluate, report mean ± 95%% CI")
     p.add_argument("--world", required=True, help="usg, er, manhattan, edges:PATH, or a world directory")
     p.add_argument("--methods", default="ntp,mtp,lse-mtp", help="comma-separated subset of ntp,mtp,lse-mtp")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method")

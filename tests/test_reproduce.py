@@ -153,3 +153,12 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_world, capsys):
     _one_line_exit_2(capsys, ["reproduce", "--world", str(tiny_world), "--out", str(out), "--resume", "--k", "3"],
                      "different settings (k, scale)")
     assert json.loads((out / "reproduce.json").read_text()) == settings
+
+
+def test_help_lists_reproduce(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "reproduce" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "--help"])
+    assert exit_info.value.code == 0 and "--resume" in capsys.readouterr().out
