@@ -36,6 +36,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from ds_mtp.export import export_checkpoint
+
+    if args.run_dir and args.run_dir_option and args.run_dir != args.run_dir_option:
+        raise UserError(f"two run directories given ({args.run_dir} and --run-dir {args.run_dir_option})")
+    run_dir = args.run_dir or args.run_dir_option
+    if not run_dir:
+        raise UserError("no run directory: ds-mtp export RUN_DIR [--tag stepN] --out DIR")
+    out = export_checkpoint(run_dir, args.out, tag=args.tag, overwrite=args.overwrite)
+    print(f"exported {out / 'model.safetensors'} and {out / 'config.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ds-mtp", description="LSE-MTP pretraining on DeepSpeed")
     # The deepspeed launcher passes --local_rank=N to each rank (the rank is also in LOCAL_RANK).
@@ -49,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in RUN_DIR")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=200")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="consolidate a ZeRO or pipeline checkpoint into model.safetensors + config.json")
+    p.add_argument("run_dir", nargs="?", help="the training run directory")
+    p.add_argument("--run-dir", dest="run_dir_option", help=argparse.SUPPRESS)
+    p.add_argument("--tag", help="checkpoint tag, e.g. step200 (default: the latest)")
+    p.add_argument("--out", required=True, help="directory for model.safetensors and config.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an exported model already in --out")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="NTP vs MTP vs LSE-MTP on the paper's USG world, evaluated on held-out pairs")
     p.add_argument("--run-dir", default="runs/demo")

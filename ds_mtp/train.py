@@ -54,6 +54,10 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool) -> RunConfig:
         previous = config_from_dict(json.loads(saved.read_text()))
         if previous.model != cfg.model:
             raise UserError(f"--resume: {run_dir} was trained with a different model config")
+        if previous.train.pipeline_stages != cfg.train.pipeline_stages:
+            raise UserError(f"--resume: {run_dir} was trained with train.pipeline_stages="
+                            f"{previous.train.pipeline_stages}; its checkpoints cannot be resumed with "
+                            f"{cfg.train.pipeline_stages} (convert with ds-mtp export instead)")
     else:
         if has_checkpoint or (run_dir / "metrics.jsonl").exists():
             raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --run-dir")
@@ -109,9 +113,18 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     cfg = resolve_data(cfg)
     meta = read_meta(cfg.data.path)
     pad_id = meta.special_ids.get("pad")
-    engine, model = build_engine(cfg, pad_id)
-    device = engine.device
     t = cfg.train
+    pipeline = t.pipeline_stages > 1
+    if pipeline:
+        from ds_mtp.pipeline import build_pipeline_engine, describe_stages, train_step
+
+        engine, loss_fn, n_params = build_pipeline_engine(cfg, pad_id)
+        dp_rank, dp_size = engine.grid.data_parallel_id, engine.grid.data_parallel_size
+        stages_line = describe_stages(engine)
+    else:
+        engine, model = build_engine(cfg, pad_id)
+        dp_rank, dp_size, n_params = rank, world, count_parameters(model)
+    device = engine.device
     ckpt_dir = run_dir / CHECKPOINT_DIR
 
     start_step = 0
@@ -125,18 +138,21 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
             _set_rng_state(torch.load(rng_file, weights_only=False))
 
     sampler = WindowSampler(TokenShards(cfg.data.path, cfg.data.split), t.seq_len, t.micro_batch, seed=t.seed,
-                            dp_rank=rank, dp_size=world, mode=cfg.data.sampling)
+                            dp_rank=dp_rank, dp_size=dp_size, mode=cfg.data.sampling)
     monitor = Monitor(run_dir, resume_step=start_step, enabled=rank == 0)
     K = cfg.model.mtp_k
-    tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * world
+    tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * dp_size
     if rank == 0:
-        print(f"[ds-mtp] {count_parameters(model):,} parameters, K={K} ({cfg.model.head_type}), ZeRO-{t.zero_stage}, "
+        if pipeline:
+            print(f"[ds-mtp] pipeline of {t.pipeline_stages} stages x {dp_size} data-parallel: {stages_line}",
+                  flush=True)
+        print(f"[ds-mtp] {n_params:,} parameters, K={K} ({cfg.model.head_type}), ZeRO-{t.zero_stage}, "
               f"{world} rank(s) on {device}, {tokens_per_step} tokens/step, steps {start_step}->{t.max_steps}",
               flush=True)
 
     def save(step: int) -> None:
         tag = f"step{step}"
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "tag": tag})
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "tag": tag, "pad_id": pad_id})
         torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
         dist.barrier()
 
@@ -145,17 +161,20 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     for step in range(start_step, end_step):
         started = time.perf_counter()
         lr = engine.get_lr()[0]
-        sums = torch.zeros(1 + 3 * K, dtype=torch.float64)
-        for micro in range(t.grad_accum):
-            batch = sampler.batch(step * t.grad_accum + micro)
-            out = engine(batch.tokens.to(device), batch.doc_ids.to(device))
-            engine.backward(out["loss"])
-            engine.step()
-            terms = [out["loss"], *out["ce"], *out["latent"], *out["semantic"]]
-            sums[: len(terms)] += torch.stack([x.detach().float().cpu() for x in terms]).double()
+        if pipeline:  # the terms come from the last stage of each of the dp_size pipelines
+            sums = train_step(engine, loss_fn, sampler, step, t.grad_accum, 1 + 3 * K)
+        else:
+            sums = torch.zeros(1 + 3 * K, dtype=torch.float64)
+            for micro in range(t.grad_accum):
+                batch = sampler.batch(step * t.grad_accum + micro)
+                out = engine(batch.tokens.to(device), batch.doc_ids.to(device))
+                engine.backward(out["loss"])
+                engine.step()
+                terms = [out["loss"], *out["ce"], *out["latent"], *out["semantic"]]
+                sums[: len(terms)] += torch.stack([x.detach().float().cpu() for x in terms]).double()
         if world > 1:
             dist.all_reduce(sums)
-        sums /= t.grad_accum * world
+        sums /= t.grad_accum * dp_size
         grad_norm = engine.get_global_grad_norm()
         elapsed = time.perf_counter() - started
         row = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": sums[0].item()}
@@ -173,7 +192,12 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
             save(step + 1)
     if start_step < end_step:
         save(end_step)
-    if t.save_model and end_step == t.max_steps:
+    if t.save_model and end_step == t.max_steps and pipeline:
+        if rank == 0:  # the stages' weights are on disk in the checkpoint just written
+            from ds_mtp.export import export_checkpoint
+
+            export_checkpoint(run_dir, run_dir / MODEL_DIR, tag=f"step{end_step}", overwrite=True)
+    elif t.save_model and end_step == t.max_steps:
         state = consolidated_state_dict(engine)
         if rank == 0:
             save_exported(model, state, run_dir / MODEL_DIR, extra={"data": cfg.data.__dict__})
