@@ -101,11 +101,12 @@ def bench_rank(args) -> None:
             if step >= 2:
                 step_times.append(elapsed)
                 bubbles.append(1 - busy[0] / elapsed)
-        stats = torch.tensor([statistics.median(step_times), statistics.mean(bubbles)], dtype=torch.float64)
+        stats = torch.tensor([statistics.median(step_times), statistics.mean(bubbles)], dtype=torch.float64,
+                             device=engine.device)
         gathered = [torch.zeros_like(stats) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, stats)
         if rank == 0:
-            step_time = max(float(g[0]) for g in gathered)
+            step_time = max(float(g[0]) for g in gathered)  # the step ends when the slowest rank's does
             bubble = statistics.mean(float(g[1]) for g in gathered)
             results.append({"stages": P, "micro_batches": M, "step_s": round(step_time, 4),
                             "s_per_micro_batch": round(step_time / M, 4), "bubble": round(bubble, 3),

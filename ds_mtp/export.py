@@ -14,7 +14,10 @@ process on CPU, from the files alone:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -38,9 +41,9 @@ def checkpoint_tag(ckpt_dir: Path, tag: str | None) -> str:
 
 
 def _client_state(tag_dir: Path) -> dict:
-    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    files = sorted(tag_dir.glob("*mp_rank_*_model_states.pt"))  # zero_pp_rank_R_ under ZeRO-2/3
     if not files:
-        raise UserError(f"{tag_dir} is not a DeepSpeed checkpoint (no mp_rank_*_model_states.pt)")
+        raise UserError(f"{tag_dir} is not a DeepSpeed checkpoint (no *mp_rank_*_model_states.pt)")
     return torch.load(files[0], map_location="cpu", weights_only=False)
 
 
@@ -53,8 +56,10 @@ def zero_state_dict(ckpt_dir: Path, tag: str, zero_stage: int, client: dict) -> 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     ds_logger.setLevel(logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
+        with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates each file it reads
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"cannot consolidate the ZeRO-{zero_stage} checkpoint {ckpt_dir / tag}: {e}") from None
 

@@ -183,13 +183,13 @@ def describe_stages(engine) -> str:
 
     module = engine.module
     stages = module.num_stages
-    counts = torch.zeros(stages, dtype=torch.float64)
+    counts = torch.zeros(stages, dtype=torch.float64, device=engine.device)  # NCCL reduces device tensors only
     if engine.grid.data_parallel_id == 0:
         counts[engine.stage_id] = sum(p.numel() for p in module.parameters())
     dist.all_reduce(counts)
     parts = module.parts
     return ", ".join(f"stage {s}: layers {parts[s]}-{parts[s + 1] - 1}, {int(counts[s]):,} parameters"
-                     for s in range(stages))
+                     for s in range(stages)) + " (the last stage's count includes its copy of the embedding)"
 
 
 def micro_batches(sampler, step: int, grad_accum: int, device):
