@@ -20,6 +20,10 @@ def cmd_train(args) -> int:
             prepare_run(cfg, args.run_dir, args.resume)
         train(cfg, args.run_dir, resume=args.resume)
         return 0
+    if cfg.train.pipeline_stages > 1:
+        from ds_mtp.pipeline import check_layout
+
+        check_layout(cfg, max(1, args.nproc))
     prepare_run(cfg, args.run_dir, args.resume)
     if args.nproc and args.nproc > 1:
         forwarded = ["train", "--run-dir", args.run_dir, *(["--config", args.config] if args.config else []),

@@ -138,6 +138,17 @@ def layer_specs(source: LayerSource, n_layer: int) -> list:
             LayerSpec(HeadsPipe, source)]
 
 
+def check_layout(cfg: RunConfig, world: int) -> None:
+    """The ranks must form whole pipelines, and every stage needs a layer."""
+    P = cfg.train.pipeline_stages
+    if P > 1 and world % P:
+        raise UserError(f"train.pipeline_stages={P} needs a multiple of {P} ranks, got {world} "
+                        f"(ranks = pipeline stages x data-parallel replicas; e.g. --nproc {P})")
+    if cfg.model.n_layer + 3 < P:
+        raise UserError(f"train.pipeline_stages={P} exceeds the model's {cfg.model.n_layer + 3} pipeline layers "
+                        "(embedding, blocks, embedding copy, heads)")
+
+
 def build_pipeline_engine(cfg: RunConfig, pad_id: int | None):
     """The PipelineModule and its DeepSpeed engine. Returns (engine, loss_fn, total parameter count)."""
     import deepspeed
@@ -149,12 +160,7 @@ def build_pipeline_engine(cfg: RunConfig, pad_id: int | None):
 
     t = cfg.train
     world = dist.get_world_size()
-    if world % t.pipeline_stages:
-        raise UserError(f"train.pipeline_stages={t.pipeline_stages} does not divide the {world} ranks "
-                        "(ranks = pipeline stages x data-parallel replicas)")
-    if cfg.model.n_layer + 3 < t.pipeline_stages:
-        raise UserError(f"train.pipeline_stages={t.pipeline_stages} exceeds the model's {cfg.model.n_layer + 3} "
-                        "pipeline layers (embedding, blocks, embedding copy, heads)")
+    check_layout(cfg, world)
     # DeepSpeed's CPU point-to-point goes through broadcast_, which torch warns has no autograd kernel;
     # the pipeline detaches what it receives, and tests/test_pipeline.py checks the gradients.
     warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel")

@@ -85,8 +85,11 @@ def test_zero_stage_defaults_to_one_with_a_pipeline_and_three_without():
      "ZeRO-1"),
     (["train.pipeline_stages=4", "train.zero_stage=2"], "ZeRO-3 without one (train.pipeline_stages=1)"),
     (["train.activation_checkpointing=true"], "activation_checkpointing applies to pipeline runs"),
+    (["train.pipeline_stages=2"], "train.pipeline_stages=2 needs a multiple of 2 ranks, got 1"),
+    (["train.pipeline_stages=2", "--nproc", "3"], "needs a multiple of 2 ranks, got 3"),
+    (["train.pipeline_stages=8", "--nproc", "8"], "exceeds the model's 5 pipeline layers"),
 ])
-def test_pipeline_with_zero_2_or_3_is_refused_in_one_line(tmp_path, token_data, capsys, overrides, message):
+def test_bad_pipeline_layouts_are_refused_in_one_line(tmp_path, token_data, capsys, overrides, message):
     code = main(["train", "--run-dir", str(tmp_path / "run"), f"data.path={token_data}", *TINY, *overrides])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1 and err.startswith("error: ")
