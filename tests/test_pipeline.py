@@ -184,7 +184,10 @@ def test_two_stage_lse_mtp_matches_single_process_resumes_exactly_and_exports(tm
 @pytest.mark.slow
 def test_two_stages_times_two_replicas(tmp_path, token_data):
     run = tmp_path / "p2d2"
+    # Untied embeddings (the last stage reads its copy only through sg(E)), sequential heads (which embed
+    # tokens on the last stage) and learned positions (a second table in the tied module).
     r = run_cli("train", "--nproc", "4", "--run-dir", str(run), f"data.path={token_data}", *TINY, "model.mtp_k=2",
+                "model.tie_embeddings=false", "model.head_type=sequential", "model.positions=learned",
                 "train.max_steps=3", "train.pipeline_stages=2", "train.activation_checkpointing=true",
                 "train.save_model=false")
     assert r.returncode == 0, r.stderr[-3000:]
