@@ -14,6 +14,8 @@ def cmd_train(args) -> int:
     from ds_mtp.launch import inside_launch, is_launch_leader, run_local
     from ds_mtp.train import prepare_run, train
 
+    if args.pipeline_stages is not None:  # the flag is the override train.pipeline_stages=P
+        args.overrides = [*args.overrides, f"train.pipeline_stages={args.pipeline_stages}"]
     cfg = load_config(args.config, args.overrides)
     if inside_launch():
         if is_launch_leader() and not os.environ.get("DS_MTP_PREPARED"):
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="where metrics, TensorBoard logs, checkpoints and the model go")
     p.add_argument("--nproc", type=int, default=0, help="start N ranks on this node (GPUs, or CPU processes)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in RUN_DIR")
+    p.add_argument("--pipeline-stages", type=int, default=None, metavar="P",
+                   help="pipeline-parallel stages (= train.pipeline_stages=P; ranks = P x data-parallel replicas)")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=200")
     p.set_defaults(func=cmd_train)
 

@@ -86,7 +86,7 @@ def test_zero_stage_defaults_to_one_with_a_pipeline_and_three_without():
     (["train.pipeline_stages=4", "train.zero_stage=2"], "ZeRO-3 without one (train.pipeline_stages=1)"),
     (["train.activation_checkpointing=true"], "activation_checkpointing applies to pipeline runs"),
     (["train.pipeline_stages=2"], "train.pipeline_stages=2 needs a multiple of 2 ranks, got 1"),
-    (["train.pipeline_stages=2", "--nproc", "3"], "needs a multiple of 2 ranks, got 3"),
+    (["--pipeline-stages", "2", "--nproc", "3"], "needs a multiple of 2 ranks, got 3"),
     (["train.pipeline_stages=8", "--nproc", "8"], "exceeds the model's 5 pipeline layers"),
 ])
 def test_bad_pipeline_layouts_are_refused_in_one_line(tmp_path, token_data, capsys, overrides, message):
@@ -137,8 +137,8 @@ def assert_rows_match(actual, expected, tol=1e-5):
 @pytest.mark.multiprocess
 def test_two_stage_pipeline_next_token_matches_single_process(tmp_path, token_data):
     overrides = ["model.mtp_k=1", "train.max_steps=5", "train.pipeline_stages=2"]
-    r = run_cli("train", "--nproc", "2", "--run-dir", str(tmp_path / "p2"), f"data.path={token_data}", *TINY,
-                *overrides, "train.save_model=false")
+    r = run_cli("train", "--nproc", "2", "--pipeline-stages", "2", "--run-dir", str(tmp_path / "p2"),
+                f"data.path={token_data}", *TINY, *overrides[:2], "train.save_model=false")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "pipeline of 2 stages x 1 data-parallel: stage 0: layers 0-" in r.stdout and "ZeRO-1" in r.stdout
     expected = reference_run(_config(token_data, overrides), token_data, 5)
