@@ -117,8 +117,8 @@ class PipelineLoss:
         out = lse_mtp_loss(h, head_hidden, tokens, unembed, embed, lambda_latent=o.lambda_latent,
                            lambda_semantic=o.lambda_semantic, pad_id=self.pad_id, doc_ids=doc_ids,
                            head_weights=o.head_weights, distance=o.distance)
-        self.terms.append(torch.stack([out["loss"], *out["ce"], *out["latent"], *out["semantic"]]).detach()
-                          .float().cpu())
+        # Kept on the device: copying each micro-batch's terms to the host would stall the schedule.
+        self.terms.append(torch.stack([out["loss"], *out["ce"], *out["latent"], *out["semantic"]]).detach().float())
         loss = out["loss"]
         if not self.tied:
             # Untied, the last stage may read its embedding copy only through sg(E) (or not at all):
@@ -214,7 +214,7 @@ def train_step(engine, loss_fn: PipelineLoss, sampler, step: int, grad_accum: in
     engine.train_batch(data_iter=micro_batches(sampler, step, grad_accum, engine.device))
     sums = torch.zeros(n_terms, dtype=torch.float64)
     for terms in loss_fn.terms:
-        sums[: terms.numel()] += terms.double()
+        sums[: terms.numel()] += terms.double().cpu()
     return sums
 
 
