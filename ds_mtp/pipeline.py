@@ -144,9 +144,36 @@ def check_layout(cfg: RunConfig, world: int) -> None:
     if P > 1 and world % P:
         raise UserError(f"train.pipeline_stages={P} needs a multiple of {P} ranks, got {world} "
                         f"(ranks = pipeline stages x data-parallel replicas; e.g. --nproc {P})")
-    if cfg.model.n_layer + 3 < P:
-        raise UserError(f"train.pipeline_stages={P} exceeds the model's {cfg.model.n_layer + 3} pipeline layers "
-                        "(embedding, blocks, embedding copy, heads)")
+    if cfg.model.n_layer + 2 < P:
+        raise UserError(f"train.pipeline_stages={P} exceeds the model's {cfg.model.n_layer + 2} pipeline units "
+                        "(the embedding, each block, and the output heads with their embedding copy)")
+
+
+def partition(specs: list, stages: int) -> list[int]:
+    """Stage boundaries as PipelineModule(partition_method="parameters") computes them.
+
+    The heads must share a stage with the embedding copy: the copy hands them its weight, which
+    DeepSpeed cannot pass between stages as an activation (such a run hangs in its first step).
+    """
+    from deepspeed.runtime.utils import partition_balanced
+
+    counts = [sum(p.numel() for p in spec.build().parameters() if p.requires_grad) for spec in specs]
+
+    copy = len(specs) - 2  # the embedding copy; the heads are the layer after it
+
+    def parts_for(n: int) -> list[int]:
+        return [int(b) for b in partition_balanced(weights=counts, num_parts=n)]
+
+    def together(parts: list[int]) -> bool:
+        return any(parts[s] <= copy and copy + 1 < parts[s + 1] for s in range(len(parts) - 1))
+
+    parts = parts_for(stages)
+    if not together(parts):
+        fits = [n for n in range(stages - 1, 1, -1) if together(parts_for(n))]
+        raise UserError(f"train.pipeline_stages={stages}: balancing the {len(specs)} pipeline layers by parameter count "
+                        "puts the output heads on a stage without the embedding copy they read; use fewer stages"
+                        + (f" (at most {fits[0]})" if fits else ""))
+    return parts
 
 
 def build_pipeline_engine(cfg: RunConfig, pad_id: int | None):
@@ -168,12 +195,15 @@ def build_pipeline_engine(cfg: RunConfig, pad_id: int | None):
     source = LayerSource(MTPModel(cfg.model, cfg.objective, pad_id))
     total = count_parameters(source.model)
     loss_fn = PipelineLoss(cfg, pad_id)
+    specs = layer_specs(source, cfg.model.n_layer)
+    parts = partition(specs, t.pipeline_stages)
     module = PipelineModule(
-        layers=layer_specs(source, cfg.model.n_layer), num_stages=t.pipeline_stages, loss_fn=loss_fn,
+        layers=specs, num_stages=t.pipeline_stages, loss_fn=loss_fn,
         partition_method="parameters",
         activation_checkpoint_interval=1 if t.activation_checkpointing else 0,
         checkpointable_layers=["BlockPipe"])
     source.release()
+    assert [int(b) for b in module.parts] == parts, (module.parts, parts)
     ds_config = build_ds_config(cfg, world // t.pipeline_stages, on_gpu())
     optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                                   eps=1e-8, fused=on_gpu())

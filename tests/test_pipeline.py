@@ -9,7 +9,8 @@ from ds_mtp.data import TokenShards, WindowSampler, read_meta
 from ds_mtp.engine import lr_lambda, param_groups
 from ds_mtp.model import MTPModel, load_exported
 from ds_mtp.monitor import read_metrics
-from ds_mtp.pipeline import LayerSource, PipelineLoss, layer_names, layer_specs
+from ds_mtp.errors import UserError
+from ds_mtp.pipeline import LayerSource, PipelineLoss, layer_names, layer_specs, partition
 from ds_mtp.train import resolve_data
 from tests.conftest import run_cli
 
@@ -73,6 +74,15 @@ def test_layer_files_map_back_to_the_models_state_dict(token_data):
         assert mapped[key] is value or torch.equal(mapped[key], value)
 
 
+def test_heads_stay_on_the_stage_of_the_embedding_copy(token_data):
+    cfg = _config(token_data, ["model.mtp_k=3", "model.n_layer=1"])
+    specs = layer_specs(LayerSource(MTPModel(cfg.model, cfg.objective)), 1)
+    assert partition(specs, 3)[-2:] == [2, 4]
+    with pytest.raises(UserError, match=r"puts the output heads on a stage without the embedding copy they read; "
+                                        r"use fewer stages \(at most 3\)"):
+        partition(specs, 4)
+
+
 def test_zero_stage_defaults_to_one_with_a_pipeline_and_three_without():
     assert load_config(None, ["train.pipeline_stages=2"]).train.zero_stage == 1
     assert load_config(None, []).train.zero_stage == 3
@@ -87,7 +97,7 @@ def test_zero_stage_defaults_to_one_with_a_pipeline_and_three_without():
     (["train.activation_checkpointing=true"], "activation_checkpointing applies to pipeline runs"),
     (["train.pipeline_stages=2"], "train.pipeline_stages=2 needs a multiple of 2 ranks, got 1"),
     (["--pipeline-stages", "2", "--nproc", "3"], "needs a multiple of 2 ranks, got 3"),
-    (["train.pipeline_stages=8", "--nproc", "8"], "exceeds the model's 5 pipeline layers"),
+    (["train.pipeline_stages=8", "--nproc", "8"], "exceeds the model's 4 pipeline units"),
 ])
 def test_bad_pipeline_layouts_are_refused_in_one_line(tmp_path, token_data, capsys, overrides, message):
     code = main(["train", "--run-dir", str(tmp_path / "run"), f"data.path={token_data}", *TINY, *overrides])
