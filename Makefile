@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo prep-stdlib test test-fast clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,14 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/ds-mtp demo --run-dir runs/demo
+
+# The whole text pipeline on the standard library's docstrings (see docs/pretraining.md).
+prep-stdlib: $(STAMP)
+	$(BIN)/ds-mtp prep stdlib-corpus runs/prep/stdlib.jsonl
+	$(BIN)/ds-mtp prep tokenizer --input runs/prep/stdlib.jsonl --out runs/prep/tok --vocab-size 4000 --overwrite
+	$(BIN)/ds-mtp prep shard --input runs/prep/stdlib.jsonl --tokenizer runs/prep/tok --out runs/prep/data \
+		--workers 2 --val-fraction 0.05 --overwrite
+	$(BIN)/ds-mtp prep verify runs/prep/data
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra

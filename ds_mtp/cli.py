@@ -17,6 +17,8 @@ def cmd_train(args) -> int:
     if args.pipeline_stages is not None:  # the flag is the override train.pipeline_stages=P
         args.overrides = [*args.overrides, f"train.pipeline_stages={args.pipeline_stages}"]
     cfg = load_config(args.config, args.overrides)
+    if args.data:
+        cfg.data.path = args.data
     if inside_launch():
         if is_launch_leader() and not os.environ.get("DS_MTP_PREPARED"):
             prepare_run(cfg, args.run_dir, args.resume)
@@ -29,7 +31,8 @@ def cmd_train(args) -> int:
     prepare_run(cfg, args.run_dir, args.resume)
     if args.nproc and args.nproc > 1:
         forwarded = ["train", "--run-dir", args.run_dir, *(["--config", args.config] if args.config else []),
-                     *(["--resume"] if args.resume else []), *args.overrides]
+                     *(["--resume"] if args.resume else []), *(["--data", args.data] if args.data else []),
+                     *args.overrides]
         return run_local(args.nproc, forwarded)
     train(cfg, args.run_dir, resume=args.resume)
     return 0
@@ -55,6 +58,40 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_world_make(args) -> int:
+    from ds_mtp.worlds import load_world, make_world, parse_params
+
+    out = make_world(args.world, args.dataset, args.out, seed=args.seed, overwrite=args.force,
+                     **parse_params(args.params))
+    world = load_world(out)
+    print(f"world {world.name} ({world.format}): {world.graph.num_nodes} nodes, {len(world.graph.edges)} edges, "
+          f"vocab {world.vocab_size}; {len(world.train_pairs)} train / {len(world.heldout_pairs)} held-out pairs "
+          f"-> {out}")
+    return 0
+
+
+def cmd_world_check(args) -> int:
+    from ds_mtp.worlds import check_sequences
+
+    counts = check_sequences(args.graph, "direction" if args.format == "vafa" else args.format, args.file)
+    width = max(len(k) for k in counts)
+    for name, count in counts.items():
+        share = f"  ({count / counts['total']:.1%})" if counts["total"] and name != "total" else ""
+        print(f"{name:<{width}}  {count:>7}{share}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ds_mtp.evaluate.suite import format_table, run_eval
+
+    metrics = [m for item in args.metrics for m in item.split(",") if m] if args.metrics else None
+    results = run_eval(args.model, args.world, args.out, metrics, args.scale, args.seed, args.device, args.set)
+    print(format_table(results))
+    if args.out:
+        print(f"results: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ds-mtp", description="LSE-MTP pretraining on DeepSpeed")
     # The deepspeed launcher passes --local_rank=N to each rank (the rank is also in LOCAL_RANK).
@@ -68,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in RUN_DIR")
     p.add_argument("--pipeline-stages", type=int, default=None, metavar="P",
                    help="pipeline-parallel stages (= train.pipeline_stages=P; ranks = P x data-parallel replicas)")
+    p.add_argument("--data", default="", help="data directory (meta.json + shards); same as data.path=DIR")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=200")
     p.set_defaults(func=cmd_train)
 
@@ -85,6 +123,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=2, help="ranks per training run")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    from data_prep.cli import add_prep_commands
+
+    p = sub.add_parser("prep", help="prepare a text corpus: SentencePiece tokenizer, token shards, verify, inspect")
+    add_prep_commands(p)
+
+    world = sub.add_parser("world", help="graph worlds: make one, check sequences against one")
+    world_sub = world.add_subparsers(dest="world_command", required=True)
+    p = world_sub.add_parser("make", help="build a graph world and write its path datasets as token shards")
+    p.add_argument("--world", required=True, help="usg | er | manhattan | edges:PATH")
+    p.add_argument("--dataset", default="paper", help="paper | shortest | noisy | random-walks (default paper)")
+    p.add_argument("--out", required=True, help="output directory (shards, meta.json, world.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace a world already in --out")
+    p.add_argument("params", nargs="*", help="key=value world/dataset parameters, e.g. n=50 density=0.3 k=3 "
+                                             "format=direction num_pairs=20000 (see docs/worlds.md)")
+    p.set_defaults(func=cmd_world_make)
+    p = world_sub.add_parser("check", help="count valid / illegal-turn / wrong-end sequences in a text file")
+    p.add_argument("--graph", required=True, help="an edges file (node direction neighbor) or a world directory")
+    p.add_argument("--format", default="vafa", choices=["vafa", "direction", "increment"],
+                   help="vafa (= direction: origin dest DIR ... end) or increment (src tgt inc_D ... <eos>)")
+    p.add_argument("file", help="one sequence per line")
+    p.set_defaults(func=cmd_world_check)
+
+    p = sub.add_parser("eval", help="world-model metrics of an exported model on a world (docs/worlds.md)")
+    p.add_argument("--model", "--checkpoint", dest="model", required=True,
+                   help="exported model directory (or a training run directory with model/)")
+    p.add_argument("--world", required=True, help="world directory made by `ds-mtp world make`")
+    p.add_argument("--metrics", nargs="+", help="subset of: paths shortcuts structure belief validity probe "
+                                                "compression distinction detour (default all)")
+    p.add_argument("--scale", default="default", choices=["quick", "default"],
+                   help="trial counts: default = the papers' sizes, quick = a smoke test")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one scale setting, e.g. --set path_pairs=200 --set detour_probs=[0.05] "
+                        "(keys: ds_mtp/evaluate/suite.py DEFAULT_SCALE)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--out", help="write the full results as JSON here")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -15,11 +15,14 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ds_mtp.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where batches are made, so data_prep's processes start fast
+    import torch
 
 META_NAME = "meta.json"
 FORMAT_VERSION = 1
@@ -111,11 +114,15 @@ class ShardWriter:
     """Appends documents to the shards of one split, rolling over every ~``shard_tokens`` tokens.
 
     Shards become visible under their final names only when complete; call ``close()`` and then
-    record the returned infos in a Meta written last.
+    record the returned infos in a Meta written last. A long-running producer can call
+    ``checkpoint()`` (which fsyncs the open shard's temporary file) and later rebuild the writer
+    exactly where it was with ``ShardWriter.restore`` after being killed.
     """
 
     def __init__(self, out_dir: str | Path, split: str, vocab_size: int, shard_tokens: int = 1 << 26,
                  first_index: int = 0):
+        if shard_tokens < 1:
+            raise ValueError("shard_tokens must be at least 1")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.split = split
@@ -127,49 +134,138 @@ class ShardWriter:
         self.max_token_id = -1
         self._open()
 
-    def _open(self) -> None:
-        base = self.out_dir / shard_name(self.split, self.index)
-        self._bin_path = base.with_suffix(".bin")
-        self._idx_path = base.with_suffix(".idx")
-        self._bin = open(self._bin_path.with_name(self._bin_path.name + ".tmp"), "wb")
+    def _paths(self, index: int) -> tuple[Path, Path, Path]:
+        base = self.out_dir / shard_name(self.split, index)
+        bin_path = base.with_suffix(".bin")
+        return bin_path, base.with_suffix(".idx"), bin_path.with_name(bin_path.name + ".tmp")
+
+    def _open(self, mode: str = "wb") -> None:
+        self._bin_path, self._idx_path, self._tmp_path = self._paths(self.index)
+        self._bin = open(self._tmp_path, mode)
         self._bin_hash = hashlib.sha256()
-        self._offsets = [0]
+        # Document end offsets as a list of int64 arrays (a Python list of ints costs ~4x the memory).
+        self._ends: list[np.ndarray] = []
+        self._tokens = 0
+        self._documents = 0
 
     def add(self, tokens) -> None:
         """Append one document (a sequence of token ids)."""
         arr = np.asarray(tokens)
-        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
-            raise ValueError(f"token id out of range [0, {self.vocab_size}) in document")
-        data = arr.astype(self.dtype, copy=False).tobytes()
-        self._bin.write(data)
-        self._bin_hash.update(data)
-        self._offsets.append(self._offsets[-1] + arr.size)
-        if arr.size:
-            self.max_token_id = max(self.max_token_id, int(arr.max()))
-        if self._offsets[-1] >= self.shard_tokens:
-            self._finish()
-            self.index += 1
-            self._open()
+        self.add_many(arr.reshape(-1), np.array([arr.size], dtype=np.int64))
+
+    def add_many(self, tokens, lengths) -> None:
+        """Append consecutive documents given as one flat token array and their lengths.
+
+        Writes exactly what ``add`` would for each document in turn (same rollover points).
+        """
+        tokens = np.asarray(tokens).reshape(-1)
+        lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+        if int(lengths.sum()) != tokens.size:
+            raise ValueError(f"document lengths sum to {int(lengths.sum())}, but {tokens.size} tokens were given")
+        if tokens.size:
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"token id out of range [0, {self.vocab_size}) in document")
+            self.max_token_id = max(self.max_token_id, hi)
+        data = tokens.astype(self.dtype, copy=False)
+        pos = first = 0
+        while first < lengths.size:
+            ends = np.cumsum(lengths[first:])
+            # A shard closes after the document that brings it to shard_tokens or more.
+            room = self.shard_tokens - self._tokens
+            take = min(int(np.searchsorted(ends, room, side="left")) + 1, ends.size)
+            count = int(ends[take - 1])
+            chunk = data[pos:pos + count].tobytes()
+            self._bin.write(chunk)
+            self._bin_hash.update(chunk)
+            self._ends.append(self._tokens + ends[:take])
+            self._tokens += count
+            self._documents += take
+            pos += count
+            first += take
+            if self._tokens >= self.shard_tokens:
+                self._finish()
+                self.index += 1
+                self._open()
+
+    def _offsets(self) -> np.ndarray:
+        return np.concatenate([np.zeros(1, dtype=np.int64), *self._ends]).astype("<i8")
 
     def _finish(self) -> None:
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
-        os.replace(self._bin_path.with_name(self._bin_path.name + ".tmp"), self._bin_path)
-        idx = np.asarray(self._offsets, dtype="<i8").tobytes()
+        os.replace(self._tmp_path, self._bin_path)
+        idx = self._offsets().tobytes()
         write_atomic(self._idx_path, idx)
         self.infos.append(ShardInfo(
-            name=self._bin_path.stem, tokens=self._offsets[-1], documents=len(self._offsets) - 1,
+            name=self._bin_path.stem, tokens=self._tokens, documents=self._documents,
             sha256=self._bin_hash.hexdigest(), idx_sha256=hashlib.sha256(idx).hexdigest()))
+
+    def checkpoint(self) -> dict:
+        """Make everything written so far durable and return the state ``restore`` needs.
+
+        The state is JSON-serialisable except ``offsets`` (an int64 array the caller stores itself).
+        """
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        return {"split": self.split, "vocab_size": self.vocab_size, "shard_tokens": self.shard_tokens,
+                "index": self.index, "infos": [asdict(i) for i in self.infos], "max_token_id": self.max_token_id,
+                "offsets": self._offsets()}
+
+    @classmethod
+    def restore(cls, out_dir: str | Path, state: dict) -> "ShardWriter":
+        """Rebuild a writer from ``checkpoint()``'s state after the process died.
+
+        Shards completed after the checkpoint are removed (they will be written again, identically),
+        and the open shard's temporary file is cut back to its checkpointed length. Its bytes may sit
+        under the final name if the process died between the rename and the next checkpoint.
+        """
+        self = cls.__new__(cls)
+        self.out_dir = Path(out_dir)
+        self.split, self.vocab_size = state["split"], state["vocab_size"]
+        self.dtype = token_dtype(self.vocab_size)
+        self.shard_tokens, self.index = state["shard_tokens"], state["index"]
+        self.infos = [ShardInfo(**i) for i in state["infos"]]
+        self.max_token_id = state["max_token_id"]
+        offsets = np.asarray(state["offsets"], dtype=np.int64)
+        nbytes = int(offsets[-1]) * self.dtype.itemsize
+        bin_path, idx_path, tmp_path = self._paths(self.index)
+        if not tmp_path.exists() and bin_path.exists():
+            os.replace(bin_path, tmp_path)
+        if nbytes and (not tmp_path.exists() or tmp_path.stat().st_size < nbytes):
+            raise UserError(f"cannot resume: {tmp_path} is missing or shorter than its checkpoint")
+        for later in sorted(self.out_dir.glob(f"{self.split}_*")):
+            stem = later.name.split(".")[0]
+            if stem[len(self.split) + 1:].isdigit() and int(stem[len(self.split) + 1:]) >= self.index \
+                    and later != tmp_path:
+                later.unlink()
+        if not tmp_path.exists():
+            tmp_path.touch()
+        with open(tmp_path, "rb+") as f:
+            f.truncate(nbytes)
+        self._open(mode="ab")
+        with open(tmp_path, "rb") as f:
+            while block := f.read(1 << 22):
+                self._bin_hash.update(block)
+        if offsets.size > 1:
+            self._ends = [offsets[1:].copy()]
+        self._tokens, self._documents = int(offsets[-1]), int(offsets.size - 1)
+        return self
 
     def close(self) -> list[ShardInfo]:
         """Finish the open shard (dropped if empty) and return all shard infos."""
-        if len(self._offsets) > 1:
+        if self._documents:
             self._finish()
         else:
             self._bin.close()
-            os.unlink(self._bin_path.with_name(self._bin_path.name + ".tmp"))
+            os.unlink(self._tmp_path)
         return self.infos
+
+    def discard(self) -> None:
+        """Close and delete the open shard's temporary file (completed shards stay)."""
+        self._bin.close()
+        self._tmp_path.unlink(missing_ok=True)
 
 
 def write_documents(out_dir: str | Path, documents_by_split: dict, *, vocab_size: int, special_ids: dict,
@@ -310,4 +406,6 @@ class WindowSampler:
                 pos = np.where(inside, start[:, None] + cols, start[:, None])
                 tokens[rows] = np.where(inside, toks[pos], self.pad_id)
                 doc_ids[rows] = local[:, None]
+        import torch
+
         return Batch(torch.from_numpy(tokens), torch.from_numpy(doc_ids))

@@ -80,3 +80,35 @@ def test_reader_errors(tmp_path, docs):
         TokenShards(tmp_path)
     with pytest.raises(ValueError, match="out of range"):
         write_documents(tmp_path / "x", {"train": [[5, 100]]}, vocab_size=100, special_ids={})
+
+
+def _shard_bytes(path):
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_add_many_writes_what_add_writes_and_restore_continues_exactly(tmp_path):
+    from ds_mtp.data import ShardWriter
+
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, 100, rng.integers(1, 40)) for _ in range(200)]
+    one = ShardWriter(tmp_path / "one", "train", 100, shard_tokens=300)
+    for d in docs:
+        one.add(d)
+    infos_one = one.close()
+    many = ShardWriter(tmp_path / "many", "train", 100, shard_tokens=300)
+    for chunk in (docs[:7], docs[7:120], docs[120:]):
+        many.add_many(np.concatenate(chunk), [len(d) for d in chunk])
+    assert many.close() == infos_one and _shard_bytes(tmp_path / "many") == _shard_bytes(tmp_path / "one")
+
+    # Crash after a checkpoint: more documents written (one shard completed), then the process dies.
+    crashed = ShardWriter(tmp_path / "crash", "train", 100, shard_tokens=300)
+    for d in docs[:50]:
+        crashed.add(d)
+    state = crashed.checkpoint()
+    for d in docs[50:90]:
+        crashed.add(d)
+    crashed._bin.flush()  # what the OS may hold after a SIGKILL
+    restored = ShardWriter.restore(tmp_path / "crash", state)
+    for d in docs[50:]:
+        restored.add(d)
+    assert restored.close() == infos_one and _shard_bytes(tmp_path / "crash") == _shard_bytes(tmp_path / "one")

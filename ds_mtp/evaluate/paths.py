@@ -56,11 +56,11 @@ def decode_pairs(model, world, pairs, temperature: float = 0.0, seed: int = 0, b
         outcome: list[str | None] = [None] * len(batch)
         walks = [[s] for s, _ in batch]
         generated: list[list[int]] = [[] for _ in batch]
+        active = list(range(len(batch)))  # rows still decoding; finished rows leave the batch
         for _ in range(max_moves + 1):  # up to max_moves moves, then one more chance to stop
             nxt = choose_tokens(model.logits(tokens)[:, -1, :], temperature, generator)
-            for i, token in enumerate(nxt.tolist()):
-                if outcome[i] is not None:
-                    continue
+            still = []
+            for r, (i, token) in enumerate(zip(active, nxt.tolist())):
                 generated[i].append(token)
                 target = batch[i][1]
                 if token == tok.eos_id:
@@ -74,9 +74,13 @@ def decode_pairs(model, world, pairs, temperature: float = 0.0, seed: int = 0, b
                     else:
                         current[i] = reached
                         walks[i].append(reached)
-            if all(o is not None for o in outcome):
+                if outcome[i] is None:
+                    still.append(r)
+            if not still:
                 break
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            keep = torch.tensor(still, device=tokens.device)
+            tokens = torch.cat([tokens[keep], nxt[keep, None]], dim=1)
+            active = [active[r] for r in still]
         for i, (s, t) in enumerate(batch):
             records.append({"pair": (s, t), "outcome": outcome[i] or "wrong_target",
                             "unterminated": outcome[i] is None, "tokens": generated[i], "walk": walks[i]})

@@ -9,7 +9,9 @@
 
 The oracles' hidden state is the one-hot true state (current node, destination), so states of
 equal world state are identical and others orthogonal in the node part. Positions whose prefix is
-not a legal walk (after an illegal or non-move token, or after end-of-sequence) get uniform logits.
+not a legal walk (after an illegal or non-move token, or after end-of-sequence) get uniform logits;
+at a node without moves away from its destination (no legal token) the legal oracle puts all
+mass on ``<pad>``.
 """
 
 from __future__ import annotations
@@ -103,9 +105,10 @@ class LegalUniformOracle(_StateTracker):
         out[ok] = self.move_logits[cur[ok]]
         at_goal = torch.from_numpy((current == target) & (current >= 0))
         out[..., self.tok.eos_id][at_goal] = 0.0
-        # a node without moves, away from its destination, has no legal token: leave it uniform
+        # a node without moves, away from its destination, has no legal token: all mass on <pad>,
+        # a token that is never legal, so the oracle accepts no continuation there
         dead = ok & (out.max(dim=-1).values < 0)
-        out[dead] = 0.0
+        out[..., self.tok.pad_id][dead] = 0.0
         return out
 
 

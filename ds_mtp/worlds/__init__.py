@@ -87,14 +87,37 @@ def build_graph(world: str, seed: int = 0, **params) -> tuple[str, Graph]:
     return kind, from_edges_file(path)
 
 
-def make_world(world: str, dataset: str, out_dir: str | Path, seed: int = 0, **params) -> Path:
+def parse_params(items: list[str]) -> dict:
+    """``["n=50", "density=0.2", "format=direction"]`` -> ``{"n": 50, "density": 0.2, "format": "direction"}``
+    (ints, then floats, then ``none`` / strings)."""
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"expected a parameter as key=value, got '{item}'")
+        for convert in (int, float):
+            try:
+                params[key] = convert(value)
+                break
+            except ValueError:
+                continue
+        else:
+            params[key] = None if value.lower() in ("none", "null") else value
+    return params
+
+
+def make_world(world: str, dataset: str, out_dir: str | Path, seed: int = 0, overwrite: bool = True,
+               **params) -> Path:
     """Build ``world``, generate ``dataset`` on it, write shards and world.json into ``out_dir``.
 
     ``params`` mixes world parameters (usg: n, density; er: n, p), dataset parameters (see
     ``DATASET_PARAMS``) and the common ones: ``format`` (increment | direction; default direction
     for labelled graphs, else increment), ``heldout_fraction`` (0.5), ``num_pairs`` (None: every
-    reachable pair; required for graphs over 1,000 nodes). Returns ``out_dir``.
+    reachable pair; required for graphs over 1,000 nodes). Returns ``out_dir``. With
+    ``overwrite=False`` a directory that already holds a world is refused (UserError).
     """
+    if not overwrite and any((Path(out_dir) / f).exists() for f in (WORLD_FILE, "meta.json")):
+        raise UserError(f"{out_dir} already holds a world (pass --force to replace it)")
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset '{dataset}' (expected one of: {', '.join(DATASETS)})")
     kind = "edges" if world.startswith("edges:") or world == "manhattan" else world
@@ -183,5 +206,5 @@ def load_world(out_dir: str | Path) -> World:
 
 from ds_mtp.worlds.check import check_sequences  # noqa: E402  (check needs graphs and tokenize only)
 
-__all__ = ["World", "Graph", "make_world", "load_world", "build_graph", "check_sequences", "usg", "er",
+__all__ = ["World", "Graph", "make_world", "parse_params", "load_world", "build_graph", "check_sequences", "usg", "er",
            "from_edges_file", "DATASETS", "FORMATS"]

@@ -1,0 +1,310 @@
+"""data_prep on real English (the standard library's docstrings) and hand-written bad records."""
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep.cli import main as prep_main
+from data_prep.shard import shard_corpus
+from data_prep.stdlib_corpus import write_stdlib_corpus
+from data_prep.tokenizer import adopt_tokenizer, load_processor, train_tokenizer
+from data_prep.verify import inspect_data, verify_data
+from ds_mtp.cli import main as ds_main
+from ds_mtp.data import TokenShards, read_meta
+from ds_mtp.monitor import read_metrics
+from tests.conftest import REPO, run_cli
+
+quiet = dict(log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "stdlib.jsonl"
+    write_stdlib_corpus(path, max_docs=400, **quiet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def docs(corpus) -> list[str]:
+    return [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer([str(corpus)], out, vocab_size=600, sample_docs=300, threads=1, **quiet)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tokenizer, tmp_path_factory) -> Path:
+    """The corpus sharded with one worker in one go: what every other way of running must reproduce."""
+    out = tmp_path_factory.mktemp("ref") / "data"
+    shard_corpus([str(corpus)], tokenizer, out, shard_tokens=6000, val_fraction=0.1, progress=False,
+                 unit_bytes=20_000, **quiet)
+    return out
+
+
+def shard_files(data: Path) -> dict:
+    files = {p.name: p.read_bytes() for p in sorted(data.iterdir()) if p.suffix in (".bin", ".idx")}
+    meta = json.loads((data / "meta.json").read_text())
+    meta["extra"].pop("command")
+    return {**files, "meta": meta}
+
+
+def decoded(data: Path, split: str) -> list[str]:
+    sp = load_processor(data / "tokenizer.model")
+    shards = TokenShards(data, split)
+    eos = read_meta(data).special_ids["eos"]
+    out = []
+    for i in range(shards.num_documents):
+        ids = shards.document(i).tolist()
+        assert ids[-1] == eos
+        out.append(sp.decode(ids[:-1]))
+    return out
+
+
+def test_round_trip_gives_back_every_document(reference, docs):
+    meta = read_meta(reference)
+    assert meta.extra["documents"] == len(docs) and sum(meta.extra["skipped"].values()) == 0
+    train, val = decoded(reference, "train"), decoded(reference, "val")
+    assert sorted(train + val) == sorted(docs)
+    assert 0.03 * len(docs) < len(val) < 0.2 * len(docs)
+    assert len(meta.shards("train")) > 3  # rolled over many times
+    assert [d for d in docs if d in set(train)] == train  # order kept within a split
+    assert verify_data(reference, **quiet) == []
+
+
+def test_output_is_identical_whatever_the_worker_count(corpus, tokenizer, reference, tmp_path):
+    out = tmp_path / "w2"
+    shard_corpus([str(corpus)], tokenizer, out, shard_tokens=6000, val_fraction=0.1, progress=False,
+                 workers=2, unit_bytes=7_000, **quiet)
+    assert shard_files(out) == shard_files(reference)
+
+
+def _prep(*args, env=None):
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "data_prep", *args], capture_output=True, text=True, timeout=120,
+                          env=full_env, cwd=REPO)
+
+
+@pytest.mark.parametrize("kill_after", [2, 9])
+def test_sigkill_then_rerun_is_byte_identical(corpus, tokenizer, reference, tmp_path, kill_after):
+    out = tmp_path / "data"
+    args = ["shard", "--input", str(corpus), "--tokenizer", str(tokenizer), "--out", str(out), "--shard-tokens", "6000",
+            "--val-fraction", "0.1", "--unit-bytes", "20000", "--no-progress"]
+    r = _prep(*args, env={"DATA_PREP_TEST_KILL_AFTER_UNITS": str(kill_after)})
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert not (out / "meta.json").exists()
+    dtype_size = 2
+    for bin_path in out.glob("*.bin"):  # whatever is under a final name is a complete shard
+        offsets = np.fromfile(bin_path.with_suffix(".idx"), dtype="<i8")
+        assert offsets[-1] * dtype_size == bin_path.stat().st_size
+    r = _prep(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from the checkpoint" in r.stdout
+    assert shard_files(out) == shard_files(reference)
+    assert not any(p.name.endswith(".tmp") or p.name == ".prep_state" for p in out.iterdir())
+    r = _prep(*args)  # a finished run stays as it is
+    assert r.returncode == 0 and "already complete" in r.stdout
+
+
+BAD_JSONL = b"\n".join([
+    b'{"text": "A good first document about parsing."}',
+    b'{"text": "broken json',
+    b'{"text": ' + b"[" * 100_000,
+    b'{"title": "no text field"}',
+    b'{"text": 42}',
+    b'{"text": "latin-1 bytes \xe9t\xe9"}',
+    b'{"text": "a lone surrogate \\ud800 escape"}',
+    b'{"text": "   "}',
+    b'{"text": "' + b"x" * 300 + b'"}',
+    b'',
+    b'{"text": "A good second document, the last one."}',
+]) + b"\n"
+
+
+def test_every_bad_record_is_counted_with_its_location(tokenizer, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(BAD_JSONL)
+    txt = tmp_path / "lines.txt"
+    txt.write_bytes(b"One good line of text.\n\xff\xfe not utf-8\n\nAnother good line.\n")
+    logged = []
+    meta = shard_corpus([str(bad), str(txt)], tokenizer, tmp_path / "out", max_doc_chars=200, val_fraction=0,
+                        progress=False, log=logged.append)
+    assert meta.extra["documents"] == 4 and meta.extra["records"] == 15
+    assert meta.extra["skipped"] == {"invalid_json": 2, "missing_field": 1, "not_text": 1, "not_utf8": 3,
+                                     "empty": 3, "too_long": 1, "duplicate": 0}
+    assert meta.extra["skip_examples"][:3] == [f"{bad}:2: invalid_json", f"{bad}:3: invalid_json", f"{bad}:4: missing_field"]
+    assert any("skipped 11" in line for line in logged)
+    assert decoded(tmp_path / "out", "train") == ["A good first document about parsing.",
+                                                  "A good second document, the last one.",
+                                                  "One good line of text.", "Another good line."]
+    r = _prep("shard", "--input", str(bad), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "strict"),
+              "--strict", "--no-progress")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: bad record at {bad}:2: invalid json (--strict)"]
+
+
+def test_other_formats_give_the_same_shards(docs, tokenizer, reference, tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"body": d}) + "\n" for d in docs)
+    pq.write_table(pa.table({"body": docs}), tmp_path / "c.parquet", row_group_size=100)
+    datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "hf"))
+    expected = shard_files(reference)
+    expected["meta"]["extra"].pop("inputs")
+    for kind, extra in [("gz", dict(inputs=[str(tmp_path / "c.jsonl.gz")])),
+                        ("parquet", dict(inputs=[str(tmp_path / "c.parquet")])),
+                        ("hf", dict(inputs=[], hf=str(tmp_path / "hf"), hf_split="train"))]:
+        out = tmp_path / kind
+        shard_corpus(tokenizer=tokenizer, out=out, field="body", shard_tokens=6000, val_fraction=0.1,
+                     progress=False, **extra, **quiet)
+        got = shard_files(out)
+        got["meta"]["extra"].pop("inputs")
+        for key in ("fingerprint", "options"):
+            got["meta"]["extra"].pop(key), expected["meta"]["extra"].pop(key, None)
+        assert got == expected, kind
+
+
+def test_doc_per_file_dedup_and_inspect(tokenizer, tmp_path, capsys):
+    src = tmp_path / "files"
+    src.mkdir()
+    for i, text in enumerate(["First file.\nIt has two lines.", "Second file.", "First file.\nIt has two lines."]):
+        (src / f"{i}.txt").write_text(text)
+    meta = shard_corpus([str(src)], tokenizer, tmp_path / "out", doc_per_file=True, dedup=True, val_fraction=0,
+                        progress=False, **quiet)
+    assert meta.extra["documents"] == 2 and meta.extra["skipped"]["duplicate"] == 1
+    texts = inspect_data(tmp_path / "out", count=5, **quiet)
+    assert [t.removesuffix(load_processor(tokenizer).id_to_piece(2)) for t in texts] == \
+        ["First file.\nIt has two lines.", "Second file."]
+    assert prep_main(["inspect", str(tmp_path / "out"), "-n", "1"]) == 0
+    assert "First file." in capsys.readouterr().out
+
+
+def test_verify_catches_a_flipped_byte_and_a_truncated_index(reference, tmp_path, capsys):
+    for damage in ("flip", "truncate"):
+        data = tmp_path / damage
+        shutil.copytree(reference, data)
+        if damage == "flip":
+            raw = bytearray((data / "train_00001.bin").read_bytes())
+            raw[101] ^= 0x01
+            (data / "train_00001.bin").write_bytes(bytes(raw))
+        else:
+            idx = (data / "val_00000.idx").read_bytes()
+            (data / "val_00000.idx").write_bytes(idx[:-8])
+        assert prep_main(["verify", str(data)]) == 1
+        out = capsys.readouterr().out
+        fault = "train_00001.bin: sha256 differs" if damage == "flip" else "val_00000.idx: offsets must"
+        assert fault in out and out.strip().splitlines()[-1].startswith("FAILED")
+    assert ds_main(["prep", "verify", str(reference)]) == 0
+    assert capsys.readouterr().out.startswith("OK: ")
+
+
+def test_tokenizer_unigram_and_adopt(corpus, tokenizer, tmp_path):
+    info = train_tokenizer([str(corpus)], tmp_path / "uni", vocab_size=500, model_type="unigram", sample_docs=200,
+                           threads=1, **quiet)
+    assert info["vocab_size"] == 500 and info["special_ids"] == {"pad": 3, "bos": 1, "eos": 2, "unk": 0}
+    sp = load_processor(tmp_path / "uni")
+    assert sp.decode(sp.encode("Return the value of x, 2024.")) == "Return the value of x, 2024."
+    assert sp.encode("😀")  # byte fallback: never an unknown piece
+    assert sp.unk_id() not in sp.encode("😀 ünïcode")
+    adopted = adopt_tokenizer(tokenizer / "tokenizer.model", tmp_path / "adopted", **quiet)
+    assert adopted["sha256"] == json.loads((tokenizer / "tokenizer_info.json").read_text())["sha256"]
+
+
+def _one_line_error(capsys, argv, message, code=2):
+    assert prep_main(argv) == code
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_bad_input_is_one_line_exit_2_and_keeps_existing_output(corpus, tokenizer, reference, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    tok = str(tokenizer)
+    _one_line_error(capsys, ["shard", "--input", "/nonexistent.jsonl", "--tokenizer", tok, "--out", str(tmp_path / "o")],
+                    "input not found: /nonexistent.jsonl")
+    _one_line_error(capsys, ["shard", "--input", str(empty), "--tokenizer", tok, "--out", str(tmp_path / "o"),
+                             "--no-progress"], "no documents to write: the corpus is empty after skipping 2 empty")
+    assert not (tmp_path / "o" / "meta.json").exists() and not list((tmp_path / "o").glob("*.bin"))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["some text"]}), tmp_path / "t.parquet")
+    _one_line_error(capsys, ["shard", "--input", str(tmp_path / "t.parquet"), "--tokenizer", tok, "--out",
+                             str(tmp_path / "pq")], "t.parquet has no column 'text' (has: body)")
+    assert not (tmp_path / "pq").exists()
+    _one_line_error(capsys, ["shard", "--input", str(tmp_path / "notes.csv"), "--tokenizer", tok, "--out",
+                             str(tmp_path / "o")], "unsupported input file")
+    _one_line_error(capsys, ["shard", "--input", str(corpus), "--tokenizer", str(tmp_path), "--out",
+                             str(tmp_path / "o")], "tokenizer not found")
+    _one_line_error(capsys, ["shard", "--input", str(corpus), "--tokenizer", tok, "--out", str(tmp_path / "o"),
+                             "--workers", "0"], "--workers must be at least 1")
+    _one_line_error(capsys, ["tokenizer", "--input", str(corpus), "--out", str(tmp_path / "t"), "--vocab-size", "100"],
+                    "--vocab-size 100 is too small")
+    _one_line_error(capsys, ["tokenizer", "--input", str(corpus), "--out", str(tmp_path / "t"), "--vocab-size",
+                             "900000", "--sample-docs", "20", "--threads", "1"], "SentencePiece could not train")
+    _one_line_error(capsys, ["tokenizer", "--input", str(corpus), "--out", str(tokenizer)], "already exists")
+    _one_line_error(capsys, ["tokenizer", "--input", str(empty), "--out", str(tmp_path / "t")], "no usable documents")
+    # Existing output: different options, a different tokenizer, stray shards: refused, bytes unchanged.
+    before = shard_files(reference)
+    _one_line_error(capsys, ["shard", "--input", str(corpus), "--tokenizer", tok, "--out", str(reference),
+                             "--val-fraction", "0.2"], "already holds shards from other inputs or options")
+    other = tmp_path / "other_tok"
+    train_tokenizer([str(corpus)], other, vocab_size=500, sample_docs=100, threads=1, **quiet)
+    _one_line_error(capsys, ["shard", "--input", str(corpus), "--tokenizer", str(other), "--out", str(reference)],
+                    "holds shards of a different tokenizer")
+    _one_line_error(capsys, ["shard", "--input", str(corpus), "--tokenizer", tok, "--out", str(tmp_path / "fresh"),
+                             "--resume"], "holds no interrupted run to resume")
+    assert shard_files(reference) == before and verify_data(reference, **quiet) == []
+    _one_line_error(capsys, ["verify", str(tmp_path / "nothing")], "data directory not found")
+
+
+@pytest.mark.slow
+def test_ds_mtp_trains_on_text_shards(reference, tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("train", "--run-dir", str(run), "--data", str(reference), "model.preset=tiny", "model.mtp_k=3",
+                "train.seq_len=64", "train.micro_batch=4", "train.max_steps=4", "train.save_model=false")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert all(np.isfinite(row["loss"]) for row in rows)
+    assert json.loads((run / "config.json").read_text())["model"]["vocab_size"] == 600
+
+
+def test_packed_windows_mark_every_document_boundary(reference):
+    """MTP targets must not cross an EOS: the sampler gives the token after each EOS a new document id."""
+    from ds_mtp.data import WindowSampler
+
+    eos = read_meta(reference).special_ids["eos"]
+    sampler = WindowSampler(TokenShards(reference, "train"), seq_len=64, micro_batch=64, seed=3)
+    batch = sampler.batch(0)
+    tokens, doc_ids = batch.tokens.numpy(), batch.doc_ids.numpy()
+    after_eos = tokens[:, :-1] == eos
+    assert after_eos.sum() > 5
+    assert np.all(doc_ids[:, 1:][after_eos] != doc_ids[:, :-1][after_eos])
+    assert np.all(doc_ids[:, 1:][~after_eos] == doc_ids[:, :-1][~after_eos])
+
+
+def test_killed_before_the_first_checkpoint_starts_afresh(corpus, tokenizer, reference, tmp_path):
+    out = tmp_path / "data"
+    (out / ".prep_state").mkdir(parents=True)
+    (out / ".prep_state" / "seen.1.npy").write_bytes(b"partial")
+    (out / "train_00000.bin.tmp").write_bytes(b"\1\2\3")
+    (out / "val_00000.bin.tmp").write_bytes(b"")
+    shard_corpus([str(corpus)], tokenizer, out, shard_tokens=6000, val_fraction=0.1, progress=False,
+                 unit_bytes=20_000, **quiet)
+    assert shard_files(out) == shard_files(reference)
