@@ -152,12 +152,16 @@ def check_layout(cfg: RunConfig, world: int) -> None:
 def partition(specs: list, stages: int) -> list[int]:
     """Stage boundaries as PipelineModule(partition_method="parameters") computes them.
 
-    The heads must share a stage with the embedding copy: the copy hands them its weight, which
-    DeepSpeed cannot pass between stages as an activation (such a run hangs in its first step).
+    The heads must share a stage with the embedding copy, which hands them its weight. And every stage
+    must hold both weight-decayed matrices and undecayed vectors: ZeRO-1 all-reduces the gradient norm
+    once per non-empty parameter group, so a stage with one group (the embedding alone) leaves the
+    others waiting forever in the first optimizer step (seen with 3 and 4 stages).
     """
     from deepspeed.runtime.utils import partition_balanced
 
-    counts = [sum(p.numel() for p in spec.build().parameters() if p.requires_grad) for spec in specs]
+    layers = [spec.build() for spec in specs]
+    counts = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]
+    kinds = [{p.dim() >= 2 for p in layer.parameters() if p.requires_grad} for layer in layers]
 
     copy = len(specs) - 2  # the embedding copy; the heads are the layer after it
 
@@ -165,13 +169,16 @@ def partition(specs: list, stages: int) -> list[int]:
         return [int(b) for b in partition_balanced(weights=counts, num_parts=n)]
 
     def together(parts: list[int]) -> bool:
-        return any(parts[s] <= copy and copy + 1 < parts[s + 1] for s in range(len(parts) - 1))
+        stages = range(len(parts) - 1)
+        both_groups = all(set().union(*kinds[parts[s]:parts[s + 1]]) == {True, False} for s in stages)
+        return both_groups and any(parts[s] <= copy and copy + 1 < parts[s + 1] for s in stages)
 
     parts = parts_for(stages)
     if not together(parts):
         fits = [n for n in range(stages - 1, 1, -1) if together(parts_for(n))]
         raise UserError(f"train.pipeline_stages={stages}: balancing the {len(specs)} pipeline layers by parameter count "
-                        "puts the output heads on a stage without the embedding copy they read; use fewer stages"
+                        "leaves a stage with only the embedding, or the heads apart from the embedding copy they read; "
+                        "use fewer stages"
                         + (f" (at most {fits[0]})" if fits else ""))
     return parts
 
