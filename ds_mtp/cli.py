@@ -21,6 +21,8 @@ def cmd_train(args) -> int:
 
     args.overrides = [*(f"teacher.{field}={getattr(args, flag)}" for flag, field in TEACHER_FLAGS.items()
                         if getattr(args, flag) is not None), *args.overrides]
+    if args.pipeline_stages is not None:  # the flag is the override train.pipeline_stages=P
+        args.overrides = [*args.overrides, f"train.pipeline_stages={args.pipeline_stages}"]
     cfg = load_config(args.config, args.overrides)
     if args.data:
         cfg.data.path = args.data
@@ -29,6 +31,10 @@ def cmd_train(args) -> int:
             prepare_run(cfg, args.run_dir, args.resume)
         train(cfg, args.run_dir, resume=args.resume)
         return 0
+    if cfg.train.pipeline_stages > 1:
+        from ds_mtp.pipeline import check_layout
+
+        check_layout(cfg, max(1, args.nproc))
     prepare_run(cfg, args.run_dir, args.resume, nproc=args.nproc)
     if args.nproc and args.nproc > 1:
         forwarded = ["train", "--run-dir", args.run_dir, *(["--config", args.config] if args.config else []),
@@ -62,6 +68,19 @@ def cmd_reproduce(args) -> int:
                + "".join(f" {o}" for o in args.overrides))
     reproduce(args.world, parse_methods(args.methods), args.seeds, args.scale, args.out, k=args.k, nproc=args.nproc,
               resume=args.resume, overrides=args.overrides, world_seed=args.world_seed, command=command)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ds_mtp.export import export_checkpoint
+
+    if args.run_dir and args.run_dir_option and args.run_dir != args.run_dir_option:
+        raise UserError(f"two run directories given ({args.run_dir} and --run-dir {args.run_dir_option})")
+    run_dir = args.run_dir or args.run_dir_option
+    if not run_dir:
+        raise UserError("no run directory: ds-mtp export RUN_DIR [--tag stepN] --out DIR")
+    out = export_checkpoint(run_dir, args.out, tag=args.tag, overwrite=args.overwrite)
+    print(f"exported {out / 'model.safetensors'} and {out / 'config.json'}")
     return 0
 
 
@@ -110,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="where metrics, TensorBoard logs, checkpoints and the model go")
     p.add_argument("--nproc", type=int, default=0, help="start N ranks on this node (GPUs, or CPU processes)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in RUN_DIR")
+    p.add_argument("--pipeline-stages", type=int, default=None, metavar="P",
+                   help="pipeline-parallel stages (= train.pipeline_stages=P; ranks = P x data-parallel replicas)")
     p.add_argument("--data", default="", help="data directory (meta.json + shards); same as data.path=DIR")
     p.add_argument("--lse-target", help="latent targets: self, checkpoint:DIR or sentence:DIR (= teacher.source)")
     p.add_argument("--teacher-ranks", type=int, help="last T ranks of the launch run the teacher (= teacher.ranks)")
@@ -139,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check and print the command, start nothing")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.max_steps=200")
     p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("export", help="consolidate a ZeRO or pipeline checkpoint into model.safetensors + config.json")
+    p.add_argument("run_dir", nargs="?", help="the training run directory")
+    p.add_argument("--run-dir", dest="run_dir_option", help=argparse.SUPPRESS)
+    p.add_argument("--tag", help="checkpoint tag, e.g. step200 (default: the latest)")
+    p.add_argument("--out", required=True, help="directory for model.safetensors and config.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an exported model already in --out")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="NTP vs MTP vs LSE-MTP on the paper's USG world, evaluated on held-out pairs")
     p.add_argument("--run-dir", default="runs/demo")

@@ -121,10 +121,12 @@ class TrainConfig:
     """Save a DeepSpeed checkpoint every N optimizer steps (0 = only at the end)."""
     log_every: int = 1
     """Print a progress line every N steps (metrics.jsonl gets every step)."""
-    zero_stage: int = 3
-    """ZeRO stage (0-3). Pipeline parallelism supports only 0 and 1."""
+    zero_stage: int = -1
+    """ZeRO stage (0-3); -1 = 3 without a pipeline, 1 with one. A pipeline supports only 0 and 1."""
     pipeline_stages: int = 1
-    """Pipeline stages P (>1 needs ZeRO 0 or 1)."""
+    """Pipeline stages P (ds_mtp.pipeline); ranks = P x data-parallel replicas. P > 1 needs ZeRO 0 or 1."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass (pipeline runs, P > 1)."""
     ds_config: str = ""
     """DeepSpeed JSON config; "" picks ds_configs/zero3.json (or pipeline_zero1.json with a pipeline)."""
     precision: str = "auto"
@@ -314,16 +316,20 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"objective.chunk_rows must be 0 (auto) or positive (got {o.chunk_rows})")
     if o.head_weights is not None and len(o.head_weights) != m.mtp_k:
         raise UserError(f"objective.head_weights has {len(o.head_weights)} entries, expected K={m.mtp_k}")
-    if t.zero_stage not in (0, 1, 2, 3):
-        raise UserError(f"train.zero_stage must be 0, 1, 2 or 3 (got {t.zero_stage})")
     if t.pipeline_stages < 1:
         raise UserError(f"train.pipeline_stages must be at least 1 (got {t.pipeline_stages})")
+    if t.zero_stage == -1:
+        t.zero_stage = 1 if t.pipeline_stages > 1 else 3
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"train.zero_stage must be 0, 1, 2 or 3 (got {t.zero_stage})")
     if t.pipeline_stages > 1 and t.zero_stage >= 2:
         raise UserError(
             f"pipeline_stages={t.pipeline_stages} with zero_stage={t.zero_stage}: DeepSpeed does not combine "
-            "pipeline parallelism with ZeRO-2/3; use a pipeline with zero_stage=1, or ZeRO-3 with pipeline_stages=1")
-    if t.pipeline_stages > 1:
-        raise UserError("pipeline parallelism (train.pipeline_stages > 1) is not available in this version")
+            "pipeline parallelism with ZeRO-2/3; the supported layouts are a pipeline with ZeRO-1 (train.zero_stage=1, "
+            "the default with a pipeline) or ZeRO-3 without one (train.pipeline_stages=1)")
+    if t.activation_checkpointing and t.pipeline_stages == 1:
+        raise UserError("train.activation_checkpointing applies to pipeline runs: set train.pipeline_stages > 1 "
+                        "(ZeRO-3 runs keep all activations)")
     for name in ("max_steps", "micro_batch", "grad_accum", "seq_len"):
         if getattr(t, name) < 1:
             raise UserError(f"train.{name} must be at least 1 (got {getattr(t, name)})")
@@ -348,6 +354,9 @@ def validate(cfg: RunConfig) -> None:
     if th.timeout <= 0 or th.startup_timeout <= 0:
         raise UserError(f"teacher.timeout and teacher.startup_timeout must be positive seconds (got "
                         f"{th.timeout}, {th.startup_timeout})")
+    if th.source != "self" and t.pipeline_stages > 1:
+        raise UserError(f"teacher.source={th.source} with train.pipeline_stages={t.pipeline_stages}: external "
+                        "latent targets are available with ZeRO (pipeline_stages=1) only in this version")
     if th.source != "self" and m.mtp_k < 2:
         raise UserError(f"teacher.source={th.source} supplies latent targets for heads k >= 2, but model.mtp_k=1")
     if cfg.data.sampling not in ("packed", "document"):

@@ -22,7 +22,7 @@ DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
 
 def default_ds_config_path(cfg: RunConfig) -> Path:
-    return DS_CONFIG_DIR / "zero3.json"
+    return DS_CONFIG_DIR / ("pipeline_zero1.json" if cfg.train.pipeline_stages > 1 else "zero3.json")
 
 
 def on_gpu() -> bool:

@@ -57,6 +57,10 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool, nproc: int = 
         previous = config_from_dict(json.loads(saved.read_text()))
         if previous.model != cfg.model:
             raise UserError(f"--resume: {run_dir} was trained with a different model config")
+        if previous.train.pipeline_stages != cfg.train.pipeline_stages:
+            raise UserError(f"--resume: {run_dir} was trained with train.pipeline_stages="
+                            f"{previous.train.pipeline_stages}; its checkpoints cannot be resumed with "
+                            f"{cfg.train.pipeline_stages} (convert with ds-mtp export instead)")
     else:
         if has_checkpoint or (run_dir / "metrics.jsonl").exists():
             raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --run-dir")
@@ -122,9 +126,18 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     meta = read_meta(cfg.data.path)
     pad_id = meta.special_ids.get("pad")
-    engine, model = build_engine(cfg, pad_id)
-    device = engine.device
     t = cfg.train
+    pipeline = t.pipeline_stages > 1
+    if pipeline:
+        from ds_mtp.pipeline import build_pipeline_engine, describe_stages, train_step
+
+        engine, loss_fn, n_params = build_pipeline_engine(cfg, pad_id)
+        dp_rank, dp_size = engine.grid.data_parallel_id, engine.grid.data_parallel_size
+        stages_line = describe_stages(engine)
+    else:
+        engine, model = build_engine(cfg, pad_id)
+        dp_rank, dp_size, n_params = rank, world, count_parameters(model)
+    device = engine.device
     ckpt_dir = run_dir / CHECKPOINT_DIR
 
     start_step = 0
@@ -138,19 +151,23 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
             _set_rng_state(torch.load(rng_file, weights_only=False))
 
     sampler = WindowSampler(TokenShards(cfg.data.path, cfg.data.split), t.seq_len, t.micro_batch, seed=t.seed,
-                            dp_rank=rank, dp_size=world, mode=cfg.data.sampling)
+                            dp_rank=dp_rank, dp_size=dp_size, mode=cfg.data.sampling)
     monitor = Monitor(run_dir, resume_step=start_step, enabled=rank == 0)
     K = cfg.model.mtp_k
-    tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * world
-    flops_per_token = model_flops_per_token(model, t.seq_len) if torch.cuda.is_available() else 0.0
+    tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * dp_size
+    flops_per_token = (model_flops_per_token(model, t.seq_len)
+                       if torch.cuda.is_available() and not pipeline else 0.0)
     if rank == 0:
-        print(f"[ds-mtp] {count_parameters(model):,} parameters, K={K} ({cfg.model.head_type}), ZeRO-{t.zero_stage}, "
+        if pipeline:
+            print(f"[ds-mtp] pipeline of {t.pipeline_stages} stages x {dp_size} data-parallel: {stages_line}",
+                  flush=True)
+        print(f"[ds-mtp] {n_params:,} parameters, K={K} ({cfg.model.head_type}), ZeRO-{t.zero_stage}, "
               f"{world} rank(s) on {device}, {tokens_per_step} tokens/step, steps {start_step}->{t.max_steps}",
               flush=True)
 
     def save(step: int) -> None:
         tag = f"step{step}"
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "tag": tag})
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "tag": tag, "pad_id": pad_id})
         torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
         dist.barrier()
 
@@ -162,21 +179,24 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     for step in range(start_step, end_step):
         started = time.perf_counter()
         lr = engine.get_lr()[0]
-        sums = torch.zeros(1 + 4 * K, dtype=torch.float64)
-        for micro in range(t.grad_accum):
-            micro_index = step * t.grad_accum + micro
-            batch = sampler.batch(micro_index)
-            latent = feed.targets(micro_index, batch.tokens) if feed is not None else (None, None)
-            out = engine(batch.tokens.to(device), batch.doc_ids.to(device), *latent)
-            engine.backward(out["loss"])
-            engine.step()
-            terms = [out["loss"], *out["ce"], *out["latent"], *out["semantic"], *out["acc"]]
-            sums[: len(terms)] += torch.stack([x.detach().float().cpu() for x in terms]).double()
+        if pipeline:  # the terms come from the last stage of each of the dp_size pipelines
+            sums = train_step(engine, loss_fn, sampler, step, t.grad_accum, 1 + 4 * K)
+        else:
+            sums = torch.zeros(1 + 4 * K, dtype=torch.float64)
+            for micro in range(t.grad_accum):
+                micro_index = step * t.grad_accum + micro
+                batch = sampler.batch(micro_index)
+                latent = feed.targets(micro_index, batch.tokens) if feed is not None else (None, None)
+                out = engine(batch.tokens.to(device), batch.doc_ids.to(device), *latent)
+                engine.backward(out["loss"])
+                engine.step()
+                terms = [out["loss"], *out["ce"], *out["latent"], *out["semantic"], *out["acc"]]
+                sums[: len(terms)] += torch.stack([x.detach().float().cpu() for x in terms]).double()
         if world > 1:  # on the engine's device: NCCL reduces only GPU tensors
             sums = sums.to(device)
             dist.all_reduce(sums)
             sums = sums.cpu()
-        sums /= t.grad_accum * world
+        sums /= t.grad_accum * dp_size
         grad_norm = engine.get_global_grad_norm()
         elapsed = time.perf_counter() - started
         peak = torch.tensor([peak_memory_gib()], dtype=torch.float64)
@@ -207,7 +227,12 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         feed.close()
     if start_step < end_step:
         save(end_step)
-    if t.save_model and end_step == t.max_steps:
+    if t.save_model and end_step == t.max_steps and pipeline:
+        if rank == 0:  # the stages' weights are on disk in the checkpoint just written
+            from ds_mtp.export import export_checkpoint
+
+            export_checkpoint(run_dir, run_dir / MODEL_DIR, tag=f"step{end_step}", overwrite=True)
+    elif t.save_model and end_step == t.max_steps:
         state = consolidated_state_dict(engine)
         if rank == 0:
             save_exported(model, state, run_dir / MODEL_DIR, extra={"data": cfg.data.__dict__})

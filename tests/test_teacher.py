@@ -66,6 +66,8 @@ def test_teacher_config_errors(token_data, teacher_dir, tmp_path):
             load_config(None, [override])
     with pytest.raises(UserError, match="mtp_k=1"):
         load_config(None, [f"teacher.source=checkpoint:{teacher_dir}"])
+    with pytest.raises(UserError, match="with ZeRO .pipeline_stages=1. only"):
+        load_config(None, [f"teacher.source=checkpoint:{teacher_dir}", "model.mtp_k=2", "train.pipeline_stages=2"])
     from ds_mtp.teacher import check_teacher
 
     meta = read_meta(token_data)

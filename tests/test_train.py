@@ -93,7 +93,7 @@ def test_two_rank_zero3_matches_one_rank_gradients(tmp_path, token_data):
     (["model.preset=gpt5"], "unknown model preset"),
     (["model.vocab_size=50"], "token id 61, not below the model's vocab_size=50"),
     (["data.path=/nonexistent/data"], "data directory not found"),
-    (["train.pipeline_stages=2"], "does not combine pipeline parallelism with ZeRO-2/3"),
+    (["train.pipeline_stages=2", "train.zero_stage=3"], "does not combine pipeline parallelism with ZeRO-2/3"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, token_data, capsys, overrides, message):
     code = main(["train", "--run-dir", str(tmp_path / "run"), f"data.path={token_data}", *COMMON, *overrides])
