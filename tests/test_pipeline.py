@@ -54,7 +54,7 @@ def test_pipeline_layers_compute_the_models_loss_and_gradients(token_data, head_
     outputs, _ = _run_layers(layer_specs(LayerSource(model), cfg.model.n_layer), batch.tokens)
     loss = loss_fn(outputs, (batch.tokens, batch.doc_ids))
     loss.backward()
-    terms = [reference["loss"], *reference["ce"], *reference["latent"], *reference["semantic"]]
+    terms = [reference["loss"], *reference["ce"], *reference["latent"], *reference["semantic"], *reference["acc"]]
     torch.testing.assert_close(loss_fn.terms[0], torch.stack(terms).detach())
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, expected_grads[name], msg=name)
