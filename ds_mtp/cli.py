@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ds_mtp.errors import UserError
+from ds_mtp.errors import UserError, run_parsed
 
 
 # Flags that are spellings of teacher.* overrides (docs/teacher.md); an explicit override wins.
@@ -231,15 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_parsed(build_parser(), argv)
 
 
 if __name__ == "__main__":
