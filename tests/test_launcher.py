@@ -252,7 +252,8 @@ def test_slurm_tasks_take_rank_and_world_from_slurm_only_under_ds_mtp_launch(mon
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK",
                 "DS_MTP_SLURM"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")  # recorded, so that what adopt_slurm_env sets is undone afterwards
+        monkeypatch.delenv(var)
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
