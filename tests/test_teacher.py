@@ -233,6 +233,10 @@ def test_train_with_a_teacher_of_another_width(token_data, teacher_dir, tmp_path
     torch.manual_seed(1234)  # train.seed, which build_engine seeds the model with: the projection as initialised
     initial = MTPModel(model.cfg, model.objective, model.pad_id).heads.latent_projection.weight
     assert not torch.allclose(P, initial, atol=1e-4)  # trained
+    # ds-mtp export consolidates it from the ZeRO-3 checkpoint too
+    result = run_cli("export", str(run_dir), "--out", str(tmp_path / "exported"), env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(load_exported(tmp_path / "exported").heads.latent_projection.weight, P)
 
 
 def test_local_feed_matches_teacher_on_the_samplers_batches(token_data, teacher_dir):
