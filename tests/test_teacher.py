@@ -216,8 +216,8 @@ def test_train_with_a_teacher_of_another_width(token_data, teacher_dir, tmp_path
     """One process through DeepSpeed (ZeRO-3, so the projection must be gathered): width-48 student, width-32
     teacher; the projection is in the checkpoint (resume) and in the exported model."""
     run_dir = tmp_path / "run"
-    args = ["--run-dir", str(run_dir), "--lse-target", f"checkpoint:{teacher_dir}", f"data.path={token_data}", "model.preset=tiny", "model.d_model=48",
-            "model.n_head=2", "model.n_layer=1", "model.mtp_k=3", "train.seq_len=32", "train.micro_batch=4",
+    args = ["--run-dir", str(run_dir), "--lse-target", f"checkpoint:{teacher_dir}", f"data.path={token_data}",
+            "model.preset=tiny", "model.d_model=48", "model.n_head=2", "model.n_layer=1", "model.mtp_k=3", "train.seq_len=32", "train.micro_batch=4",
             "train.max_steps=12", "train.lr=3e-3", "train.warmup_steps=0", "objective.lambda_latent=1.0"]
     result = run_cli("train", *args, "train.stop_after=6", env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
