@@ -212,9 +212,16 @@ class SentenceTeacher(Teacher):
     @classmethod
     def width(cls, cfg: RunConfig, where: str) -> int:
         # Loading the encoder is the one reliable way: pooling modes and Dense modules change the width.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: never reach a hub
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
-        return _embedding_dimension(SentenceTransformer(str(_resolve_sentence_dir(where)), device="cpu"))
+        path = _resolve_sentence_dir(where)
+        try:
+            return _embedding_dimension(SentenceTransformer(str(path), device="cpu"))
+        except Exception as e:  # noqa: BLE001 - a broken directory fails in many ways inside transformers
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"teacher sentence encoder {path} cannot be loaded ({first[:200]})") from None
 
     def window_text(self, row: list[int], t: int) -> str:
         return " ".join(self.vocab[i] for i in row[t + 1: t + 1 + self.k_heads] if i not in self.skip)

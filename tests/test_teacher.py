@@ -428,6 +428,12 @@ def test_sentence_teacher_embeds_the_decoded_future_window(tmp_path, tiny_senten
     assert torch.allclose(states[1, 4], (z * 24 ** 0.5 / z.norm())[0], atol=1e-5)
     targets, _ = LocalFeed(cfg, teacher, "cpu").targets(0, tokens)
     assert torch.equal(targets[:, 0], targets[:, 1])  # one anchor for every head at t
+    broken = tmp_path / "broken"  # modules.json, but no model: one line before any rank starts
+    broken.mkdir()
+    (broken / "modules.json").write_text((tiny_sentence_encoder / "modules.json").read_text())
+    with pytest.raises(UserError, match="teacher sentence encoder .*broken cannot be loaded"):
+        fill_latent_width(resolve_data(load_config(None, [f"data.path={tmp_path / 'worded'}", *overrides[:-2],
+                                                           f"teacher.source=sentence:{broken}"])), meta)
 
 
 @pytest.mark.multiprocess
