@@ -57,6 +57,9 @@ class ModelConfig:
     """Extra-head architecture: "linear" (the paper), "block" (Gloeckle et al.), "sequential" (DeepSeek-V3)."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of weight matrices."""
+    latent_width: int = 0
+    """Width D of the latent-term targets when it differs from d_model: the heads then own a learned projection
+    d → D of ĥ_{t,k} for the latent term (docs/teacher.md). 0 = d_model. Training fills it from the teacher."""
 
     @property
     def ff_width(self) -> int:
@@ -175,8 +178,6 @@ class TeacherConfig:
     """Seconds allowed for the rendezvous and the first micro-batch (the teacher loads its model meanwhile)."""
     port: int = 0
     """TCP port of the trainer-teacher rendezvous on MASTER_ADDR; 0 = MASTER_PORT + 1."""
-    seed: int = 0
-    """Seed of the fixed projection that maps a teacher of another width to d."""
 
 
 @dataclass
@@ -357,6 +358,10 @@ def validate(cfg: RunConfig) -> None:
     if th.source != "self" and t.pipeline_stages > 1:
         raise UserError(f"teacher.source={th.source} with train.pipeline_stages={t.pipeline_stages}: external "
                         "latent targets are available with ZeRO (pipeline_stages=1) only in this version")
+    if m.latent_width < 0 or (m.latent_width not in (0, m.d_model) and th.source == "self"):
+        raise UserError(f"model.latent_width={m.latent_width}: a latent width other than d_model={m.d_model} is the "
+                        "width of a teacher's states (teacher.source=checkpoint:DIR or sentence:DIR), and cannot be "
+                        "negative")
     if th.source != "self" and m.mtp_k < 2:
         raise UserError(f"teacher.source={th.source} supplies latent targets for heads k >= 2, but model.mtp_k=1")
     if cfg.data.sampling not in ("packed", "document"):

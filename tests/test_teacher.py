@@ -16,7 +16,7 @@ from ds_mtp.engine import free_port
 from ds_mtp.errors import UserError
 from ds_mtp.model import MTPModel, load_exported, save_exported
 from ds_mtp.objective import lse_mtp_loss, valid_mask
-from ds_mtp.teacher import CheckpointTeacher, LocalFeed, fixed_projection, head_targets
+from ds_mtp.teacher import CheckpointTeacher, Layout, LocalFeed, RemoteFeed, fill_latent_width, head_targets
 from ds_mtp.train import resolve_data
 
 
@@ -45,13 +45,18 @@ def test_checkpoint_teacher_states_are_the_models_hidden_states(token_data, teac
         expected = frozen.heads.norm(frozen.blocks[0](frozen.embed(tokens)))
     assert torch.equal(inner.states(tokens), expected)
     assert not torch.allclose(inner.states(tokens), teacher.states(tokens))
-    # a wider student: the fixed, seeded projection of the same states
-    wide = CheckpointTeacher(run_config(token_data, teacher_dir, "model.d_model=48", "model.n_head=2"), "cpu")
-    projection = fixed_projection(32, 48, seed=0)
-    assert torch.allclose(wide.states(tokens), frozen.hidden(tokens) @ projection, atol=1e-6)
-    assert torch.allclose(projection @ projection.t(), torch.eye(32) * 48 / 32, atol=1e-5)  # RMS-preserving
-    assert torch.equal(projection, fixed_projection(32, 48, seed=0))
-    assert not torch.equal(projection, fixed_projection(32, 48, seed=1))
+    # a wider student: the targets stay the teacher's own width-32 states; the student gets P: 48 → 32
+    wide_cfg = run_config(token_data, teacher_dir, "model.d_model=48", "model.n_head=2")
+    assert torch.equal(CheckpointTeacher(wide_cfg, "cpu").states(tokens), frozen.hidden(tokens))
+    meta = read_meta(token_data)
+    assert fill_latent_width(wide_cfg, meta).model.latent_width == 32
+    assert fill_latent_width(run_config(token_data, teacher_dir), meta).model.latent_width == 0  # same width
+    assert fill_latent_width(run_config(token_data, teacher_dir, "model.latent_width=32"), meta).model.latent_width == 0
+    with pytest.raises(UserError, match="model.latent_width=40, but the teacher checkpoint:.* has width 32"):
+        fill_latent_width(run_config(token_data, teacher_dir, "model.d_model=48", "model.latent_width=40"), meta)
+    # trainers receive buffers of the teacher's width from teacher ranks
+    feed = RemoteFeed(wide_cfg, Layout(0, 2, 1, "127.0.0.1", 0), None, "cpu", 0)
+    assert feed.shape == (4, 32, 32)
 
 
 def test_teacher_config_errors(token_data, teacher_dir, tmp_path):
@@ -60,7 +65,9 @@ def test_teacher_config_errors(token_data, teacher_dir, tmp_path):
            ("teacher.ranks=1", "teacher ranks need"),
            ("teacher.prefetch=0", "teacher.prefetch must be at least 1"),
            ("teacher.timeout=0", "teacher.timeout and teacher.startup_timeout must be positive"),
-           ("teacher.startup_timeout=-1", "teacher.timeout and teacher.startup_timeout must be positive")]
+           ("teacher.startup_timeout=-1", "teacher.timeout and teacher.startup_timeout must be positive"),
+           ("model.latent_width=40", "model.latent_width=40: a latent width other than d_model"),
+           ("model.latent_width=-1", "model.latent_width=-1: a latent width")]
     for override, message in bad:
         with pytest.raises(UserError, match=message):
             load_config(None, [override])
@@ -133,6 +140,103 @@ def test_objective_with_external_latent_targets():
     states = torch.randn(B, T, d)
     per_head = head_targets(states, K, shifted=False)
     assert torch.equal(per_head[:, 0], states) and torch.equal(per_head[:, 1], states)
+
+
+def test_objective_projected_latent_term_against_a_hand_computation():
+    torch.manual_seed(2)
+    B, T, d, D, V, K, pad = 2, 10, 4, 6, 11, 3, 10
+    hidden = torch.randn(B, T, d, requires_grad=True)
+    head_hidden = torch.randn(B, K - 1, T, d, requires_grad=True)
+    projection = torch.randn(D, d, requires_grad=True)
+    tokens = torch.randint(0, V - 1, (B, T))
+    tokens[0, 5] = tokens[1, 3] = pad  # padded targets leave V_k
+    unembed, embed = torch.randn(V, d), torch.randn(V, d)
+    targets = torch.randn(B, K - 1, T, D, requires_grad=True)
+    mask = (torch.arange(T) % 2 == 0).expand(B, T)
+    latent_pred = head_hidden @ projection.t()  # [B, K−1, T, D]
+    out = lse_mtp_loss(hidden, head_hidden, tokens, unembed, embed, lambda_latent=0.5, lambda_semantic=0.2,
+                       pad_id=pad, latent_targets=targets, latent_mask=mask, latent_pred=latent_pred,
+                       loss_impl="materialized")
+    for k in range(2, K + 1):
+        dists = [sum((sum(projection[i, j] * head_hidden[b, k - 2, t, j] for j in range(d)) - targets[b, k - 2, t, i])
+                     ** 2 for i in range(D)) / D
+                 for b in range(B) for t in range(T - k) if tokens[b, t + k] != pad and mask[b, t]]
+        assert len(dists) >= 3 and torch.allclose(out["latent"][k - 2], sum(dists) / len(dists), atol=1e-5)
+    # the CE and semantic terms still read ĥ of width d: the same as with targets of width d
+    plain = lse_mtp_loss(hidden, head_hidden, tokens, unembed, embed, lambda_latent=0.5, lambda_semantic=0.2,
+                         pad_id=pad, latent_targets=torch.randn(B, K - 1, T, d), latent_mask=mask,
+                         loss_impl="materialized")
+    for name in ("ce", "semantic"):
+        assert all(torch.allclose(a, b) for a, b in zip(out[name], plain[name]))
+    expected = sum(out["ce"]) + 0.5 * sum(out["latent"]) + 0.2 * sum(out["semantic"])
+    assert torch.allclose(out["loss"], expected, atol=1e-5)
+    out["loss"].backward()
+    assert projection.grad is not None and projection.grad.abs().sum() > 0 and targets.grad is None
+    with pytest.raises(ValueError, match="latent_targets must be .B, K-1, T, D. = .2, 2, 10, 6."):
+        lse_mtp_loss(hidden, head_hidden, tokens, unembed, embed, latent_targets=targets[..., :d],
+                     latent_pred=latent_pred)
+    with pytest.raises(ValueError, match="latent_pred needs latent_targets"):
+        lse_mtp_loss(hidden, head_hidden, tokens, unembed, embed, latent_pred=latent_pred)
+
+
+def test_student_learns_a_projection_to_a_teacher_of_another_width(tmp_path):
+    torch.manual_seed(3)
+    d, D, K = 32, 24, 3
+    cfg = ModelConfig(vocab_size=64, n_layer=1, n_head=2, d_model=d, max_seq_len=64, mtp_k=K, latent_width=D)
+    model = MTPModel(cfg, pad_id=62)
+    P = model.heads.latent_projection.weight  # [D, d], rows orthonormal: keeps the per-coordinate RMS of ĥ
+    assert P.shape == (D, d) and torch.allclose(P @ P.t(), torch.eye(D), atol=1e-5)
+    assert "heads.latent_projection.weight" not in MTPModel(ModelConfig(vocab_size=64, mtp_k=K)).state_dict()
+    tokens = torch.randint(0, 60, (4, 32))
+    teacher_states = torch.nn.functional.rms_norm(torch.randn(4, 32, D), (D,))  # a normed trajectory [B, T, D]
+    targets = head_targets(teacher_states, K, shifted=True).clone().requires_grad_(True)
+    out = model(tokens, latent_targets=targets)
+    with pytest.raises(ValueError, match="latent_targets must be"):  # width-d targets for a width-D model
+        model(tokens, latent_targets=torch.zeros(4, K - 1, 32, d))
+    out["loss"].backward()
+    assert P.grad is not None and P.grad.abs().sum() > 0 and targets.grad is None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    latent = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        out = model(tokens, latent_targets=targets)
+        (out["loss"] + sum(out["latent"])).backward()
+        optimizer.step()
+        latent.append(sum(out["latent"]).item())
+    assert latent[-1] < 0.8 * latent[0], latent
+    # exported with the projection and reloaded with it: the same loss
+    exported = load_exported(save_exported(model, model.state_dict(), tmp_path / "model"))
+    assert exported.cfg.latent_width == D and torch.equal(exported.heads.latent_projection.weight, P.detach())
+    with torch.no_grad():
+        assert torch.allclose(exported(tokens, latent_targets=targets)["loss"],
+                              model.eval()(tokens, latent_targets=targets)["loss"], atol=1e-6)
+
+
+def test_train_with_a_teacher_of_another_width(token_data, teacher_dir, tmp_path):
+    """One process through DeepSpeed (ZeRO-3, so the projection must be gathered): width-48 student, width-32
+    teacher; the projection is in the checkpoint (resume) and in the exported model."""
+    run_dir = tmp_path / "run"
+    args = ["--run-dir", str(run_dir), "--lse-target", f"checkpoint:{teacher_dir}", f"data.path={token_data}",
+            "model.preset=tiny", "model.d_model=48", "model.n_head=2", "model.n_layer=1", "model.mtp_k=3", "train.seq_len=32", "train.micro_batch=4",
+            "train.max_steps=12", "train.lr=3e-3", "train.warmup_steps=0", "objective.lambda_latent=1.0"]
+    result = run_cli("train", *args, "train.stop_after=6", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((run_dir / "config.json").read_text())["model"]["latent_width"] == 32
+    result = run_cli("train", *args, "--resume", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    latent = [r["latent_2"] + r["latent_3"] for r in rows]
+    assert [r["step"] for r in rows] == list(range(1, 13)) and sum(latent[-3:]) < 0.8 * sum(latent[:3]), latent
+    model = load_exported(run_dir / "model")
+    P = model.heads.latent_projection.weight
+    assert model.cfg.latent_width == 32 and P.shape == (32, 48)
+    torch.manual_seed(1234)  # train.seed, which build_engine seeds the model with: the projection as initialised
+    initial = MTPModel(model.cfg, model.objective, model.pad_id).heads.latent_projection.weight
+    assert not torch.allclose(P, initial, atol=1e-4)  # trained
+    # ds-mtp export consolidates it from the ZeRO-3 checkpoint too
+    result = run_cli("export", str(run_dir), "--out", str(tmp_path / "exported"), env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(load_exported(tmp_path / "exported").heads.latent_projection.weight, P)
 
 
 def test_local_feed_matches_teacher_on_the_samplers_batches(token_data, teacher_dir):
@@ -312,16 +416,24 @@ def test_sentence_teacher_embeds_the_decoded_future_window(tmp_path, tiny_senten
     tokens = torch.tensor([docs[0][:16], docs[1][:16]])
     states = teacher.states(tokens)  # [2, 16, 32]
     mask = SentenceTeacher.position_mask(cfg, 2)
-    assert states.shape == (2, 16, 32) and mask[0].tolist() == [t % 4 == 0 for t in range(16)]
+    # the encoder's own width 24 (the student, d=32, learns the projection to it)
+    assert states.shape == (2, 16, 24) and mask[0].tolist() == [t % 4 == 0 for t in range(16)]
+    assert fill_latent_width(cfg, meta).model.latent_width == 24
     assert torch.all(states[~mask] == 0)
-    assert torch.allclose(states[mask].norm(dim=-1), torch.full((8,), 32 ** 0.5), atol=1e-4)
+    assert torch.allclose(states[mask].norm(dim=-1), torch.full((8,), 24 ** 0.5), atol=1e-4)  # RMS 1
     encoder = SentenceTransformer(str(tiny_sentence_encoder), device="cpu")
     text = " ".join(vocab[i] for i in docs[1][5:8])  # x_{t+1..t+K} at t=4, K=3
     assert teacher.window_text(tokens[1].tolist(), 4) == text
-    z = encoder.encode([text], convert_to_tensor=True, normalize_embeddings=True).float() @ fixed_projection(24, 32, 0)
-    assert torch.allclose(states[1, 4], (z * 32 ** 0.5 / z.norm())[0], atol=1e-5)
+    z = encoder.encode([text], convert_to_tensor=True, normalize_embeddings=True).float()
+    assert torch.allclose(states[1, 4], (z * 24 ** 0.5 / z.norm())[0], atol=1e-5)
     targets, _ = LocalFeed(cfg, teacher, "cpu").targets(0, tokens)
     assert torch.equal(targets[:, 0], targets[:, 1])  # one anchor for every head at t
+    broken = tmp_path / "broken"  # modules.json, but no model: one line before any rank starts
+    broken.mkdir()
+    (broken / "modules.json").write_text((tiny_sentence_encoder / "modules.json").read_text())
+    with pytest.raises(UserError, match="teacher sentence encoder .*broken cannot be loaded"):
+        fill_latent_width(resolve_data(load_config(None, [f"data.path={tmp_path / 'worded'}", *overrides[:-2],
+                                                           f"teacher.source=sentence:{broken}"])), meta)
 
 
 @pytest.mark.multiprocess
