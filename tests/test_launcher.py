@@ -19,19 +19,8 @@ from tests.conftest import REPO, run_cli
 TINY = ["model.preset=tiny", "model.mtp_k=2", "train.seq_len=32", "train.micro_batch=4"]
 
 
-def supports(*overrides: str) -> bool:
-    """Whether this checkout's run config accepts these overrides (pipeline and teacher land separately)."""
-    try:
-        load_config(None, list(overrides))
-        return True
-    except UserError:
-        return False
-
-
-PIPELINE_AND_TEACHER = ("train.pipeline_stages=2", "train.zero_stage=1", "teacher.ranks=1",
-                        "teacher.source=checkpoint:/teacher/model", "model.mtp_k=2")
-needs_pipeline_and_teacher = pytest.mark.skipif(
-    not supports(*PIPELINE_AND_TEACHER), reason="this checkout has no pipeline stages or teacher ranks yet")
+PIPELINE = ("train.pipeline_stages=2", "train.zero_stage=1")
+TEACHER = ("teacher.ranks=1", "teacher.source=checkpoint:/teacher/model")
 
 
 def dry_run(capsys, *args: str) -> tuple[str, list[str]]:
@@ -185,23 +174,29 @@ def test_mpirun_dry_run_passes_the_port_to_every_rank(tmp_path, token_data, caps
     assert tail[tail.index(sys.executable):][:4] == [sys.executable, "-u", "-m", "ds_mtp.cli"]
 
 
-@needs_pipeline_and_teacher
-def test_two_nodes_two_stages_one_teacher_dry_run(tmp_path, token_data, capsys):
-    hostfile = write(tmp_path / "hostfile", "node-a slots=2\nnode-b slots=3\n")
+def test_two_nodes_two_stages_dry_run(tmp_path, token_data, capsys):
+    hostfile = write(tmp_path / "hostfile", "node-a slots=2\nnode-b slots=2\n")
     summary, cmd = dry_run(capsys, "--run-dir", str(tmp_path / "run"), "--hostfile", hostfile, "--master-addr",
-                           "10.0.0.1", f"data.path={token_data}", *TINY, *PIPELINE_AND_TEACHER)
-    assert ("5 rank(s) on 2 node(s) (node-a:2, node-b:3) = 4 trainer(s) [2 pipeline stage(s) x 2 data-parallel] "
-            "+ 1 teacher rank(s); 8 windows of 32 tokens per step") in summary
+                           "10.0.0.1", f"data.path={token_data}", *TINY, *PIPELINE)
+    assert ("4 rank(s) on 2 node(s) (node-a:2, node-b:2) = 4 trainer(s) [2 pipeline stage(s) x 2 data-parallel]; "
+            "8 windows of 32 tokens per step") in summary
     assert cmd[cmd.index("--hostfile") + 1] == hostfile and "train.pipeline_stages=2" in cmd
 
 
-@needs_pipeline_and_teacher
+def test_teacher_ranks_are_set_aside_dry_run(tmp_path, token_data, capsys):
+    hostfile = write(tmp_path / "hostfile", "node-a slots=2\nnode-b slots=1\n")
+    summary, cmd = dry_run(capsys, "--run-dir", str(tmp_path / "run"), "--hostfile", hostfile, "--master-addr",
+                           "10.0.0.1", f"data.path={token_data}", *TINY, *TEACHER)
+    assert ("3 rank(s) on 2 node(s) (node-a:2, node-b:1) = 2 trainer(s) [1 pipeline stage(s) x 2 data-parallel] "
+            "+ 1 teacher rank(s); 8 windows of 32 tokens per step") in summary
+    assert "teacher.ranks=1" in cmd
+
+
 def test_indivisible_world_size_exits_2_with_one_line(tmp_path, token_data, capsys):
-    hostfile = write(tmp_path / "hostfile", "node-a slots=2\nnode-b slots=2\n")
+    hostfile = write(tmp_path / "hostfile", "node-a slots=2\nnode-b slots=1\n")
     err = one_line_error(capsys, "--run-dir", str(tmp_path / "run"), "--hostfile", hostfile, "--dry-run",
-                         f"data.path={token_data}", *TINY, *PIPELINE_AND_TEACHER)
-    assert "3 trainer rank(s) after 1 teacher rank(s) are set aside are not divisible by " \
-           "train.pipeline_stages=2" in err
+                         f"data.path={token_data}", *TINY, *PIPELINE)
+    assert "3 trainer rank(s) are not divisible by train.pipeline_stages=2" in err
 
 
 # --- pre-flight checks ----------------------------------------------------------------------------
