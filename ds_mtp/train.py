@@ -47,8 +47,9 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool, nproc: int = 
     from ds_mtp.teacher import check_teacher, fill_latent_width
 
     cfg = resolve_data(cfg)
-    check_teacher(cfg, read_meta(cfg.data.path), nproc)
-    fill_latent_width(cfg, read_meta(cfg.data.path))  # the model's projection to the teacher's width, if any
+    meta = read_meta(cfg.data.path)
+    check_teacher(cfg, meta, nproc)
+    fill_latent_width(cfg, meta)  # the model's projection to the teacher's width, if any
     run_dir = Path(run_dir)
     saved = run_dir / CONFIG_NAME
     has_checkpoint = (run_dir / CHECKPOINT_DIR / "latest").is_file()
