@@ -66,10 +66,10 @@ def bench_rank(args) -> None:
     from ds_mtp.config import load_config
     from ds_mtp.engine import init_distributed
     from ds_mtp.pipeline import build_pipeline_engine
-    from ds_mtp.train import _quiet_libraries, _set_threads
+    from ds_mtp.train import _quiet_libraries, set_cpu_threads
 
     _quiet_libraries()
-    _set_threads()
+    set_cpu_threads()
     init_distributed()
     rank, P = dist.get_rank(), args.stages
     results = []

@@ -95,7 +95,7 @@ def main() -> None:
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"command: python bench/teacher.py --trainers {args.trainers} --steps {args.steps} --preset {args.preset} "
           f"--teacher-layers {args.teacher_layers} --seq-len {args.seq_len} --micro-batch {args.micro_batch}")
-    print("| latent targets | ranks | median step (s) | x self | rank-0 wait on teacher per step (s) |")
+    print("| latent targets | ranks | median step (s) | x self | slowest rank's wait on its teacher per step (s) |")
     print("|---|---|---|---|---|")
     for r, ranks in zip(results, (args.trainers, args.trainers, f"{args.trainers}+1")):
         print(f"| {r['name']} | {ranks} | {r['median_step_s']:.4f} | {r['median_step_s'] / base:.2f} | "

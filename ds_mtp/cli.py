@@ -35,7 +35,11 @@ def cmd_train(args) -> int:
         from ds_mtp.pipeline import check_layout
 
         check_layout(cfg, max(1, args.nproc))
-    prepare_run(cfg, args.run_dir, args.resume, nproc=args.nproc)
+    else:
+        from ds_mtp.teacher import check_rank_counts
+
+        check_rank_counts(max(1, args.nproc), 1, cfg.teacher.ranks)
+    prepare_run(cfg, args.run_dir, args.resume)
     if args.nproc and args.nproc > 1:
         forwarded = ["train", "--run-dir", args.run_dir, *(["--config", args.config] if args.config else []),
                      *(["--resume"] if args.resume else []), *(["--data", args.data] if args.data else []),

@@ -355,9 +355,6 @@ def validate(cfg: RunConfig) -> None:
     if th.timeout <= 0 or th.startup_timeout <= 0:
         raise UserError(f"teacher.timeout and teacher.startup_timeout must be positive seconds (got "
                         f"{th.timeout}, {th.startup_timeout})")
-    if th.source != "self" and t.pipeline_stages > 1:
-        raise UserError(f"teacher.source={th.source} with train.pipeline_stages={t.pipeline_stages}: external "
-                        "latent targets are available with ZeRO (pipeline_stages=1) only in this version")
     if m.latent_width < 0 or (m.latent_width not in (0, m.d_model) and th.source == "self"):
         raise UserError(f"model.latent_width={m.latent_width}: a latent width other than d_model={m.d_model} is the "
                         "width of a teacher's states (teacher.source=checkpoint:DIR or sentence:DIR), and cannot be "

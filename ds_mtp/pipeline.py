@@ -7,11 +7,13 @@ repeated on the last stage, because the unembedding and the semantic anchor E[x_
     1..L     BlockPipe      LayerSpec                     (x, tokens) → (x, tokens)
     L+1      EmbeddingPipe  TiedLayerSpec("embed", forward_fn=append_embedding)
                                                           (z, tokens) → (z, tokens, E)
-    L+2      HeadsPipe      LayerSpec                     (z, tokens, E) → (h, [ĥ,] U, E)
-    loss     PipelineLoss   (outputs, labels=(tokens, doc_ids)) → ds_mtp.objective.lse_mtp_loss
+    L+2      HeadsPipe      LayerSpec                     (z, tokens, E) → (h, [ĥ, [Pĥ,]] U, E)
+    loss     PipelineLoss   (outputs, labels=(tokens, doc_ids[, targets[, mask]])) → ds_mtp.objective.lse_mtp_loss
 
 The tokens ride along the activations because the sequential heads embed x_{t+k-1} on the last
-stage; the labels (tokens and document ids) reach the loss through DeepSpeed's label path. DeepSpeed
+stage; the labels (tokens and document ids) reach the loss through DeepSpeed's label path, and so do
+a teacher's latent targets (ds_mtp.teacher): only the last stage reads labels, so only it asks a
+teacher. Pĥ is ĥ through the heads' projection to a teacher of another width. DeepSpeed
 all-reduces the tied embedding's gradient between the first and the last stage, so both copies take
 the same optimizer step, and re-broadcasts it from the first stage after a checkpoint load.
 
@@ -83,7 +85,8 @@ class BlockPipe(nn.Module):
 
 
 class HeadsPipe(nn.Module):
-    """(z, tokens, E) → (h [B, T, d], ĥ [B, K−1, T, d] when K > 1, unembedding U [V, d], E)."""
+    """(z, tokens, E) → (h [B, T, d], ĥ [B, K−1, T, d] when K > 1, Pĥ [B, K−1, T, D] when the heads
+    project to a teacher of width D, unembedding U [V, d], E)."""
 
     def __init__(self, source: LayerSource):
         super().__init__()
@@ -93,7 +96,11 @@ class HeadsPipe(nn.Module):
         z, tokens, embed_weight = inputs
         h, head_hidden = self.heads(z, tokens, embed_weight)
         unembed = embed_weight if self.heads.unembed is None else self.heads.unembed.weight
-        return (h, unembed, embed_weight) if head_hidden is None else (h, head_hidden, unembed, embed_weight)
+        if head_hidden is None:
+            return h, unembed, embed_weight
+        if self.heads.latent_projection is None:
+            return h, head_hidden, unembed, embed_weight
+        return h, head_hidden, self.heads.latent_projection(head_hidden), unembed, embed_weight
 
 
 class PipelineLoss:
@@ -108,16 +115,18 @@ class PipelineLoss:
         self.terms: list[torch.Tensor] = []
 
     def __call__(self, outputs, labels):
-        if self.K > 1:
-            h, head_hidden, unembed, embed = outputs
-        else:
-            (h, unembed, embed), head_hidden = outputs, None
-        tokens, doc_ids = labels
+        h, *head_outputs, unembed, embed = outputs
+        head_hidden = head_outputs[0] if head_outputs else None
+        tokens, doc_ids, *latent = labels  # latent: a teacher's (targets[, mask]), or nothing (self-anchored)
+        targets, mask = (latent + [None, None])[:2]
+        # Pĥ counts only against a teacher's targets, as in MTPModel.forward.
+        latent_pred = head_outputs[1] if len(head_outputs) > 1 and targets is not None else None
         o = self.objective
         out = lse_mtp_loss(h, head_hidden, tokens, unembed, embed, lambda_latent=o.lambda_latent,
                            lambda_semantic=o.lambda_semantic, pad_id=self.pad_id, doc_ids=doc_ids,
                            head_weights=o.head_weights, distance=o.distance, loss_impl=o.loss_impl,
-                           chunk_rows=o.chunk_rows)
+                           chunk_rows=o.chunk_rows, latent_targets=targets, latent_mask=mask,
+                           latent_pred=latent_pred)
         # Kept on the device: copying each micro-batch's terms to the host would stall the schedule.
         self.terms.append(torch.stack([out["loss"], *out["ce"], *out["latent"], *out["semantic"], *out["acc"]])
                           .detach().float())
@@ -141,11 +150,11 @@ def layer_specs(source: LayerSource, n_layer: int) -> list:
 
 
 def check_layout(cfg: RunConfig, world: int) -> None:
-    """The ranks must form whole pipelines, and every stage needs a layer."""
+    """The ranks of a launch (teacher ranks included) must form whole pipelines, and every stage needs a layer."""
+    from ds_mtp.teacher import check_rank_counts
+
     P = cfg.train.pipeline_stages
-    if P > 1 and world % P:
-        raise UserError(f"train.pipeline_stages={P} needs a multiple of {P} ranks, got {world} "
-                        f"(ranks = pipeline stages x data-parallel replicas; e.g. --nproc {P})")
+    check_rank_counts(world, P, cfg.teacher.ranks)
     if cfg.model.n_layer + 2 < P:
         raise UserError(f"train.pipeline_stages={P} exceeds the model's {cfg.model.n_layer + 2} pipeline units "
                         "(the embedding, each block, and the output heads with their embedding copy)")
@@ -195,8 +204,8 @@ def build_pipeline_engine(cfg: RunConfig, pad_id: int | None):
     from ds_mtp.model import count_parameters
 
     t = cfg.train
-    world = dist.get_world_size()
-    check_layout(cfg, world)
+    world = dist.get_world_size()  # the trainers' own world: teacher ranks were split off before DeepSpeed
+    check_layout(cfg, world + cfg.teacher.ranks)
     # DeepSpeed's CPU point-to-point goes through broadcast_, which torch warns has no autograd kernel;
     # the pipeline detaches what it receives, and tests/test_pipeline.py checks the gradients.
     warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel")
@@ -237,20 +246,27 @@ def describe_stages(engine) -> str:
                      for s in range(stages)) + " (the last stage's count includes its copy of the embedding)"
 
 
-def micro_batches(sampler, step: int, grad_accum: int, device):
+def micro_batches(sampler, step: int, grad_accum: int, device, feed=None):
     """The step's micro-batches as DeepSpeed's pipeline expects them: (inputs, labels) pairs. A
-    generator, so stages that read no data (the middle ones) never load any."""
+    generator, so stages that read no data (the middle ones) never load any. ``feed`` (the last stage's
+    teacher feed, ds_mtp.teacher) adds the micro-batch's latent targets, and mask when it has one, to the labels."""
     for micro in range(grad_accum):
-        batch = sampler.batch(step * grad_accum + micro)
+        index = step * grad_accum + micro
+        batch = sampler.batch(index)
         tokens, doc_ids = batch.tokens.to(device), batch.doc_ids.to(device)
-        yield tokens, (tokens, doc_ids)
+        labels = (tokens, doc_ids)
+        if feed is not None:
+            targets, mask = feed.targets(index, batch.tokens)
+            labels += (targets,) if mask is None else (targets, mask)
+        yield tokens, labels
 
 
-def train_step(engine, loss_fn: PipelineLoss, sampler, step: int, grad_accum: int, n_terms: int) -> torch.Tensor:
+def train_step(engine, loss_fn: PipelineLoss, sampler, step: int, grad_accum: int, n_terms: int,
+               feed=None) -> torch.Tensor:
     """One optimizer step through the pipeline. Returns the summed per-micro-batch terms [n_terms]
     (float64; zero on every stage but the last), to be summed over ranks like the ZeRO path's."""
     loss_fn.terms.clear()
-    engine.train_batch(data_iter=micro_batches(sampler, step, grad_accum, engine.device))
+    engine.train_batch(data_iter=micro_batches(sampler, step, grad_accum, engine.device, feed))
     sums = torch.zeros(n_terms, dtype=torch.float64)
     for terms in loss_fn.terms:
         sums[: terms.numel()] += terms.double().cpu()

@@ -17,10 +17,12 @@ Process layout with ``teacher.ranks = T`` (docs/teacher.md): of a launch of W ra
 train and W−T..W−1 teach. Roles are split from the launcher's environment before DeepSpeed starts:
 trainers get a default world of W−T ranks (so ZeRO / pipeline grids never contain a teacher), teachers
 one of T ranks, and all W ranks join a separate gloo group (the "bridge", a TCPStore on MASTER_ADDR:
-teacher.port) over which trainer i asks teacher W−T + (i mod T) for micro-batch indices and receives
-the targets. Teachers read the same deterministic sample order (WindowSampler with the trainer's
-data-parallel rank) and run ``teacher.prefetch`` micro-batches ahead. A trainer that waits longer than
-``teacher.timeout`` (``teacher.startup_timeout`` until the first targets) for a teacher stops with one line; teachers exit when their trainers say stop or go away.
+teacher.port). Only the ranks holding the MTP heads ask for targets: every trainer under ZeRO, the last
+stage of each data-parallel replica under a pipeline; replica r asks teacher W−T + (r mod T) for
+micro-batch indices and receives the targets (``Layout``). Teachers read the same deterministic sample
+order (WindowSampler with the replica's data-parallel rank) and run ``teacher.prefetch`` micro-batches
+ahead. A trainer that waits longer than ``teacher.timeout`` (``teacher.startup_timeout`` until the first
+targets) for a teacher stops with one line; teachers exit when their trainers say stop or go away.
 """
 
 from __future__ import annotations
@@ -254,14 +256,11 @@ def source_class(cfg: RunConfig) -> type[Teacher] | None:
     return SOURCES[cfg.teacher.source.partition(":")[0]]
 
 
-def check_teacher(cfg: RunConfig, meta, nproc: int = 0) -> None:
-    """Everything about the teacher that can fail before any process starts (called by prepare_run)."""
+def check_teacher(cfg: RunConfig, meta) -> None:
+    """Everything about the teacher source that can fail before any process starts (called by prepare_run)."""
     cls = source_class(cfg)
-    if cls is None:
-        return
-    cls.check(cfg, cfg.teacher.source.partition(":")[2], meta)
-    if nproc and cfg.teacher.ranks >= nproc:
-        raise UserError(f"teacher.ranks={cfg.teacher.ranks} leaves no trainer among --nproc {nproc} ranks")
+    if cls is not None:
+        cls.check(cfg, cfg.teacher.source.partition(":")[2], meta)
 
 
 def fill_latent_width(cfg: RunConfig, meta) -> RunConfig:
@@ -319,29 +318,64 @@ class LocalFeed:
         pass
 
 
+def check_rank_counts(world: int, pipeline_stages: int, n_teachers: int) -> tuple[int, int]:
+    """The one rule for splitting a launch of ``world`` ranks: the last ``n_teachers`` teach, the rest form
+    whole pipelines of ``pipeline_stages``, and every teacher has a replica's last stage to feed.
+    Returns (trainer ranks, data-parallel replicas)."""
+    trainers = world - n_teachers
+    if trainers < 1:
+        raise UserError(f"teacher.ranks={n_teachers} leaves no trainer among the launch's {world} rank(s)")
+    if trainers % pipeline_stages:
+        aside = f" ({world} ranks less {n_teachers} teacher rank(s))" if n_teachers else ""
+        raise UserError(f"train.pipeline_stages={pipeline_stages} needs a multiple of {pipeline_stages} trainer "
+                        f"ranks, got {trainers}{aside} (ranks = pipeline stages x data-parallel replicas)")
+    replicas = trainers // pipeline_stages
+    if n_teachers > replicas:
+        raise UserError(f"teacher.ranks={n_teachers} is more than the {replicas} data-parallel replica(s) they feed "
+                        f"(only the last pipeline stage of each replica reads latent targets); use at most {replicas}")
+    return trainers, replicas
+
+
 @dataclass
 class Layout:
-    """Who is who in a launch with teacher ranks (global ranks: trainers first, then teachers)."""
+    """Who is who in a launch with teacher ranks (global ranks: trainers first, then teachers).
+
+    Only the ranks holding the MTP heads read latent targets: with a pipeline of P stages, the last stage
+    of each data-parallel replica. DeepSpeed numbers trainer ranks stage-major (rank = stage x replicas +
+    replica), so the fed ranks are the last ``replicas`` trainer ranks; replica r is fed by teacher r mod T.
+    """
 
     global_rank: int
     global_size: int
     n_teachers: int
     master_addr: str
     bridge_port: int
+    pipeline_stages: int = 1
 
     @property
     def n_trainers(self) -> int:
         return self.global_size - self.n_teachers
 
     @property
+    def replicas(self) -> int:
+        return self.n_trainers // self.pipeline_stages
+
+    @property
     def is_teacher(self) -> bool:
         return self.global_rank >= self.n_trainers
 
+    def replica_of(self, trainer: int) -> int | None:
+        """The data-parallel replica whose targets ``trainer`` reads; None for a rank without the heads."""
+        first_fed = self.n_trainers - self.replicas
+        return trainer - first_fed if first_fed <= trainer < self.n_trainers else None
+
     def teacher_of(self, trainer: int) -> int:
-        return self.n_trainers + trainer % self.n_teachers
+        return self.n_trainers + self.replica_of(trainer) % self.n_teachers
 
     def trainers_of(self, teacher: int) -> list[int]:
-        return [i for i in range(self.n_trainers) if self.teacher_of(i) == teacher]
+        """The fed trainer ranks this teacher serves, in rank order."""
+        fed = range(self.n_trainers - self.replicas, self.n_trainers)
+        return [i for i in fed if self.teacher_of(i) == teacher]
 
 
 def _env_int(*names: str) -> int | None:
@@ -365,12 +399,11 @@ def split_roles(cfg: RunConfig) -> Layout | None:
     if rank is None or size is None:
         raise UserError(f"teacher.ranks={T} needs a launch of several ranks (ds-mtp train --nproc N, deepspeed "
                         "or mpirun)")
-    if size <= T:
-        raise UserError(f"teacher.ranks={T} leaves no trainer among the launch's {size} ranks")
+    check_rank_counts(size, cfg.train.pipeline_stages, T)
     local_rank = _env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID") or 0
     addr = os.environ.get("MASTER_ADDR") or _mpi_master_addr(rank) or "127.0.0.1"
     port = int(os.environ.get("MASTER_PORT", "29500"))
-    layout = Layout(rank, size, T, addr, cfg.teacher.port or port + 1)
+    layout = Layout(rank, size, T, addr, cfg.teacher.port or port + 1, cfg.train.pipeline_stages)
     role_rank = rank - layout.n_trainers if layout.is_teacher else rank
     role_size = T if layout.is_teacher else layout.n_trainers
     os.environ.update(RANK=str(role_rank), WORLD_SIZE=str(role_size), LOCAL_RANK=str(local_rank),
@@ -505,8 +538,8 @@ def serve(cfg: RunConfig, layout: Layout, group) -> int:
     transport = transport_dtype()
     trainers = layout.trainers_of(layout.global_rank)
     shards = TokenShards(cfg.data.path, cfg.data.split)
-    samplers = {i: WindowSampler(shards, t.seq_len, t.micro_batch, seed=t.seed, dp_rank=i, dp_size=layout.n_trainers,
-                                 mode=cfg.data.sampling) for i in trainers}
+    samplers = {i: WindowSampler(shards, t.seq_len, t.micro_batch, seed=t.seed, dp_rank=layout.replica_of(i),
+                                 dp_size=layout.replicas, mode=cfg.data.sampling) for i in trainers}
     active, sent, served = list(trainers), deque(), 0
     trainer = trainers[0]
     try:
@@ -545,9 +578,10 @@ def run_teacher_rank(cfg: RunConfig, layout: Layout) -> None:
     dist.destroy_process_group()
 
 
-def open_feed(cfg: RunConfig, layout: Layout | None, group, device, trainer_rank: int, meta):
-    """The trainer's source of external latent targets: None (``self``), in-process, or teacher ranks."""
-    if source_class(cfg) is None:
+def open_feed(cfg: RunConfig, layout: Layout | None, group, device, trainer_rank: int, meta, holds_heads: bool):
+    """The trainer's source of external latent targets: None (``self``, or a rank without the MTP heads: the
+    earlier pipeline stages), in-process, or teacher ranks."""
+    if source_class(cfg) is None or not holds_heads:
         return None
     if layout is None:
         return LocalFeed(cfg, make_teacher(cfg, device, meta), device)

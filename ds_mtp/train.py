@@ -42,13 +42,13 @@ def resolve_data(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool, nproc: int = 0) -> RunConfig:
+def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool) -> RunConfig:
     """Validate data and run directory; write RUN_DIR/config.json for a new run."""
     from ds_mtp.teacher import check_teacher, fill_latent_width
 
     cfg = resolve_data(cfg)
     meta = read_meta(cfg.data.path)
-    check_teacher(cfg, meta, nproc)
+    check_teacher(cfg, meta)
     fill_latent_width(cfg, meta)  # the model's projection to the teacher's width, if any
     run_dir = Path(run_dir)
     saved = run_dir / CONFIG_NAME
@@ -84,16 +84,27 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _set_threads() -> None:
-    """On CPU, give each local rank its share of the cores instead of letting every rank take all."""
-    if torch.cuda.is_available():
-        return
-    local_world = 1
-    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "WORLD_SIZE", "PMI_SIZE"):
-        if var in os.environ:  # deepspeed/torchrun, then Open MPI and MPICH (set before MPI discovery)
-            local_world = int(os.environ[var])
-            break
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+LOCAL_SIZE_VARS = ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
+"""Ranks on this node, as the deepspeed launcher, torchrun, Open MPI and MPICH's Hydra set it."""
+
+
+def cpu_threads(env=os.environ, cores: int | None = None) -> int:
+    """Torch threads for one CPU rank: OMP_NUM_THREADS when the user set it, else this node's cores shared
+    by the ranks of the launch on this node (teacher ranks included: they compute alongside the trainers)."""
+    explicit = env.get("OMP_NUM_THREADS", "")
+    if explicit.isdigit() and int(explicit) > 0:
+        return int(explicit)
+    local = next((int(env[v]) for v in LOCAL_SIZE_VARS if env.get(v, "").isdigit()), None)
+    if local is None:  # a launcher that says nothing of its node: assume all ranks are here
+        local = next((int(env[v]) for v in ("WORLD_SIZE", "PMI_SIZE") if env.get(v, "").isdigit()), 1)
+    return max(1, (cores or os.cpu_count() or 1) // max(1, local))
+
+
+def set_cpu_threads() -> None:
+    """Give each local rank its share of the cores instead of letting every rank take all (CPU only).
+    Call before the roles are split: afterwards WORLD_SIZE counts one role's ranks only."""
+    if not torch.cuda.is_available():
+        torch.set_num_threads(cpu_threads())
 
 
 def _quiet_libraries() -> None:
@@ -113,13 +124,14 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     from ds_mtp.engine import build_engine, consolidated_state_dict, init_distributed
     from ds_mtp.model import count_parameters, save_exported
     from ds_mtp.monitor import Monitor, model_flops_per_token, peak_memory_gib
-    from ds_mtp.teacher import connect_bridge, fill_latent_width, open_feed, run_teacher_rank, split_roles
+    from ds_mtp.teacher import (connect_bridge, fill_latent_width, open_feed, run_teacher_rank, source_class,
+                                split_roles)
 
     run_dir = Path(run_dir)
     _quiet_libraries()
     cfg = resolve_data(cfg)
+    set_cpu_threads()
     layout = split_roles(cfg)  # before DeepSpeed: teacher ranks must not be in the trainers' world
-    _set_threads()
     if layout is not None and layout.is_teacher:
         run_teacher_rank(cfg, layout)
         return {}
@@ -136,10 +148,15 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
 
         engine, loss_fn, n_params = build_pipeline_engine(cfg, pad_id)
         dp_rank, dp_size = engine.grid.data_parallel_id, engine.grid.data_parallel_size
+        holds_heads = engine.is_last_stage()
         stages_line = describe_stages(engine)
     else:
         engine, model = build_engine(cfg, pad_id)
         dp_rank, dp_size, n_params = rank, world, count_parameters(model)
+        holds_heads = True
+    if layout is not None and layout.replica_of(rank) != (dp_rank if holds_heads else None):
+        raise RuntimeError(f"rank {rank}: the teachers' layout (replica {layout.replica_of(rank)}) disagrees with "
+                           f"DeepSpeed's grid (replica {dp_rank}, last stage {holds_heads})")
     device = engine.device
     ckpt_dir = run_dir / CHECKPOINT_DIR
 
@@ -175,7 +192,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         dist.barrier()
 
     end_step = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
-    feed = open_feed(cfg, layout, bridge[1], device, rank, meta)
+    feed = open_feed(cfg, layout, bridge[1], device, rank, meta, holds_heads)
     if feed is not None:
         feed.start(start_step * t.grad_accum, end_step * t.grad_accum)
     last: dict = {}
@@ -183,7 +200,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         started = time.perf_counter()
         lr = engine.get_lr()[0]
         if pipeline:  # the terms come from the last stage of each of the dp_size pipelines
-            sums = train_step(engine, loss_fn, sampler, step, t.grad_accum, 1 + 4 * K)
+            sums = train_step(engine, loss_fn, sampler, step, t.grad_accum, 1 + 4 * K, feed)
         else:
             sums = torch.zeros(1 + 4 * K, dtype=torch.float64)
             for micro in range(t.grad_accum):
@@ -217,8 +234,14 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
             row["tflops_per_gpu"] = flops_per_token * tokens_per_step / elapsed / world / 1e12
             if t.peak_tflops:
                 row["mfu"] = row["tflops_per_gpu"] / t.peak_tflops
-        if feed is not None:  # rank 0's time blocked on latent targets this step (overlap check)
-            row["teacher_wait_s"], feed.wait_s = feed.wait_s, 0.0
+        if source_class(cfg) is not None:  # the slowest fed rank's time blocked on latent targets (overlap check)
+            wait = torch.tensor([feed.wait_s if feed is not None else 0.0], dtype=torch.float64)
+            if world > 1:
+                wait = wait.to(device)
+                dist.all_reduce(wait, op=dist.ReduceOp.MAX)
+            row["teacher_wait_s"] = wait.item()
+            if feed is not None:
+                feed.wait_s = 0.0
         monitor.log(row)
         last = row
         if rank == 0 and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps):

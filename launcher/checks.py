@@ -34,16 +34,12 @@ def teacher_ranks(cfg: RunConfig) -> int:
 
 
 def check_layout(world_size: int, pipeline_stages: int, n_teachers: int) -> Layout:
+    from ds_mtp.teacher import check_rank_counts
+
     if world_size < 1:
         raise UserError(f"a launch needs at least one rank (got {world_size})")
-    trainers = world_size - n_teachers
-    if trainers < 1:
-        raise UserError(f"teacher.ranks={n_teachers} leaves no trainer among the launch's {world_size} rank(s)")
-    if trainers % pipeline_stages:
-        aside = f" after {n_teachers} teacher rank(s) are set aside" if n_teachers else ""
-        raise UserError(f"{trainers} trainer rank(s){aside} are not divisible by train.pipeline_stages="
-                        f"{pipeline_stages} (world size {world_size})")
-    return Layout(world_size, n_teachers, pipeline_stages, trainers // pipeline_stages)
+    _, replicas = check_rank_counts(world_size, pipeline_stages, n_teachers)
+    return Layout(world_size, n_teachers, pipeline_stages, replicas)
 
 
 def check_ds_config(cfg: RunConfig, data_parallel: int) -> dict:

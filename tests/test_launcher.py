@@ -92,11 +92,15 @@ def test_include_exclude_and_per_node_caps():
 def test_layout_sets_teacher_ranks_aside_before_dividing_by_stages():
     layout = check_layout(5, pipeline_stages=2, n_teachers=1)
     assert (layout.trainers, layout.data_parallel) == (4, 2)
-    with pytest.raises(UserError, match=r"3 trainer rank\(s\) after 1 teacher rank\(s\) are set aside are not "
-                                        r"divisible by train.pipeline_stages=2 \(world size 4\)"):
+    with pytest.raises(UserError, match=r"train.pipeline_stages=2 needs a multiple of 2 trainer ranks, got 3 \(4 "
+                                        r"ranks less 1 teacher rank\(s\)\)"):
         check_layout(4, pipeline_stages=2, n_teachers=1)
     with pytest.raises(UserError, match="leaves no trainer"):
         check_layout(2, pipeline_stages=1, n_teachers=2)
+    # only the last stage of each replica reads targets: a teacher per replica at most
+    assert check_layout(6, pipeline_stages=2, n_teachers=2).data_parallel == 2
+    with pytest.raises(UserError, match=r"teacher.ranks=2 is more than the 1 data-parallel replica\(s\) they feed"):
+        check_layout(4, pipeline_stages=2, n_teachers=2)
 
 
 # --- composed commands ----------------------------------------------------------------------------
@@ -196,7 +200,7 @@ def test_indivisible_world_size_exits_2_with_one_line(tmp_path, token_data, caps
     hostfile = write(tmp_path / "hostfile", "node-a slots=2\nnode-b slots=1\n")
     err = one_line_error(capsys, "--run-dir", str(tmp_path / "run"), "--hostfile", hostfile, "--dry-run",
                          f"data.path={token_data}", *TINY, *PIPELINE)
-    assert "3 trainer rank(s) are not divisible by train.pipeline_stages=2" in err
+    assert "train.pipeline_stages=2 needs a multiple of 2 trainer ranks, got 3" in err
 
 
 # --- pre-flight checks ----------------------------------------------------------------------------
@@ -314,13 +318,18 @@ def test_two_nodes_without_ssh_train_3_steps_together(tmp_path, token_data):
 
 @pytest.mark.multiprocess
 @pytest.mark.skipif(find_executable("mpirun") is None, reason="no mpirun (pip install mpich)")
-def test_mpirun_two_ranks_train_3_steps(tmp_path, token_data):
+@pytest.mark.parametrize("teachers", [0, 1])
+def test_mpirun_two_ranks_train_3_steps(tmp_path, token_data, teacher_dir, teachers):
+    """Two trainers under mpirun; with a teacher, a third rank serves their latent targets."""
     run = tmp_path / "run"
-    r = run_cli("launch", "--launcher", "mpirun", "--nproc", "2", "--master-port", str(free_port()), "--run-dir",
-                str(run), f"data.path={token_data}", *RUN)
+    teacher = [f"teacher.source=checkpoint:{teacher_dir}", "teacher.ranks=1"] if teachers else []
+    r = run_cli("launch", "--launcher", "mpirun", "--nproc", str(2 + teachers), "--master-port", str(free_port()),
+                "--run-dir", str(run), f"data.path={token_data}", *RUN, *teacher, env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "mpirun -n 2" in r.stdout and "ZeRO-3, 2 rank(s)" in r.stdout
-    _assert_trained_3_steps_on_2_ranks(run)
+    assert f"mpirun -n {2 + teachers}" in r.stdout and "ZeRO-3, 2 rank(s)" in r.stdout
+    rows = _assert_trained_3_steps_on_2_ranks(run)
+    if teachers:
+        assert "served 6 micro-batches" in r.stdout + r.stderr and all("teacher_wait_s" in row for row in rows)
 
 
 # --- ds_configs/ ----------------------------------------------------------------------------------

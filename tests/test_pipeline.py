@@ -60,6 +60,39 @@ def test_pipeline_layers_compute_the_models_loss_and_gradients(token_data, head_
         torch.testing.assert_close(param.grad, expected_grads[name], msg=name)
 
 
+@pytest.mark.parametrize("latent_width, masked", [(0, False), (24, True)])
+def test_pipeline_layers_with_a_teachers_targets_compute_the_models_loss_and_gradients(token_data, latent_width,
+                                                                                       masked):
+    """A teacher's targets (and stride mask) in the labels; of another width, through the heads' projection."""
+    from ds_mtp.teacher import head_targets
+
+    cfg = _config(token_data, ["model.mtp_k=3", f"model.latent_width={latent_width}",
+                               "teacher.source=checkpoint:x", "objective.lambda_latent=0.7"])
+    pad_id = read_meta(token_data).special_ids["pad"]
+    torch.manual_seed(0)
+    model = MTPModel(cfg.model, cfg.objective, pad_id)
+    batch = WindowSampler(TokenShards(token_data, "train"), 16, 4).batch(0)
+    targets = head_targets(torch.randn(4, 16, latent_width or cfg.model.d_model), 3, shifted=True)
+    mask = (torch.arange(16) % 3 == 0).expand(4, 16) if masked else None
+
+    reference = model(batch.tokens, batch.doc_ids, targets, mask)
+    reference["loss"].backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    assert (latent_width == 0) == ("heads.latent_projection.weight" not in expected_grads)
+
+    loss_fn = PipelineLoss(cfg, pad_id)
+    outputs, _ = _run_layers(layer_specs(LayerSource(model), cfg.model.n_layer), batch.tokens)
+    labels = (batch.tokens, batch.doc_ids, targets) + ((mask,) if masked else ())
+    loss_fn(outputs, labels).backward()
+    terms = [reference["loss"], *reference["ce"], *reference["latent"], *reference["semantic"], *reference["acc"]]
+    torch.testing.assert_close(loss_fn.terms[0], torch.stack(terms).detach())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected_grads[name], msg=name)
+    self_anchored = model(batch.tokens, batch.doc_ids)["latent"][0]
+    assert not torch.allclose(self_anchored, reference["latent"][0])  # the targets did count
+
+
 def test_layer_files_map_back_to_the_models_state_dict(token_data):
     cfg = _config(token_data, ["model.mtp_k=2", "model.tie_embeddings=false"])
     model = MTPModel(cfg.model, cfg.objective)
@@ -96,8 +129,8 @@ def test_zero_stage_defaults_to_one_with_a_pipeline_and_three_without():
      "ZeRO-1"),
     (["train.pipeline_stages=4", "train.zero_stage=2"], "ZeRO-3 without one (train.pipeline_stages=1)"),
     (["train.activation_checkpointing=true"], "activation_checkpointing applies to pipeline runs"),
-    (["train.pipeline_stages=2"], "train.pipeline_stages=2 needs a multiple of 2 ranks, got 1"),
-    (["--pipeline-stages", "2", "--nproc", "3"], "needs a multiple of 2 ranks, got 3"),
+    (["train.pipeline_stages=2"], "train.pipeline_stages=2 needs a multiple of 2 trainer ranks, got 1"),
+    (["--pipeline-stages", "2", "--nproc", "3"], "needs a multiple of 2 trainer ranks, got 3 (ranks = pipeline"),
     (["train.pipeline_stages=8", "--nproc", "8"], "exceeds the model's 4 pipeline units"),
 ])
 def test_bad_pipeline_layouts_are_refused_in_one_line(tmp_path, token_data, capsys, overrides, message):
@@ -107,8 +140,21 @@ def test_bad_pipeline_layouts_are_refused_in_one_line(tmp_path, token_data, caps
     assert not (tmp_path / "run").exists()
 
 
-def reference_run(cfg, token_data, steps):
-    """The same schedule as ds-mtp train, in plain PyTorch on one MTPModel: per-step metrics rows."""
+def test_teacher_ranks_are_set_aside_before_the_pipeline_is_formed(tmp_path, token_data, capsys):
+    code = main(["train", "--run-dir", str(tmp_path / "run"), "--nproc", "4", "--pipeline-stages", "2",
+                 "--teacher-ranks", "1", "--lse-target", f"checkpoint:{tmp_path}", f"data.path={token_data}", *TINY,
+                 "model.mtp_k=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == ("error: train.pipeline_stages=2 needs a multiple of 2 trainer ranks, got 3 (4 ranks "
+                                 "less 1 teacher rank(s)) (ranks = pipeline stages x data-parallel replicas)\n")
+    assert not (tmp_path / "run").exists()
+
+
+def reference_run(cfg, token_data, steps, teacher=None):
+    """The same schedule as ds-mtp train, in plain PyTorch on one MTPModel: per-step metrics rows. With
+    ``teacher`` (an exported model), anchored to its final states as a checkpoint: teacher anchors them."""
+    from ds_mtp.teacher import head_targets
+
     t = cfg.train
     pad_id = read_meta(token_data).special_ids["pad"]
     torch.manual_seed(t.seed)
@@ -121,7 +167,8 @@ def reference_run(cfg, token_data, steps):
         sums = torch.zeros(1 + 3 * K, dtype=torch.float64)
         for micro in range(t.grad_accum):
             batch = sampler.batch(step * t.grad_accum + micro)
-            out = model(batch.tokens, batch.doc_ids)
+            targets = None if teacher is None else head_targets(teacher.hidden(batch.tokens), K, shifted=True)
+            out = model(batch.tokens, batch.doc_ids, targets)
             (out["loss"] / t.grad_accum).backward()
             terms = torch.stack([out["loss"], *out["ce"], *out["latent"], *out["semantic"]]).detach().double()
             sums[: terms.numel()] += terms
@@ -189,6 +236,30 @@ def test_two_stage_lse_mtp_matches_single_process_resumes_exactly_and_exports(tm
     # The run's own model/ (exported at the end from the last checkpoint) is the step-5 model.
     final = load_exported(resumed / "model")
     assert not torch.equal(final.embed.weight, model.embed.weight)
+
+
+@pytest.mark.multiprocess
+def test_two_stages_and_a_teacher_rank_match_a_single_process_anchored_to_the_teacher(tmp_path, token_data,
+                                                                                      teacher_dir):
+    """3 ranks: 2 pipeline stages train, 1 serves a width-32 checkpoint teacher to the last stage; the
+    width-64 student learns the projection. Every term of every step equals plain PyTorch's."""
+    from ds_mtp.teacher import fill_latent_width
+
+    run = tmp_path / "run"
+    overrides = ["model.mtp_k=3", "train.max_steps=4", "train.grad_accum=2", "train.pipeline_stages=2",
+                 f"teacher.source=checkpoint:{teacher_dir}", "teacher.ranks=1", "objective.lambda_latent=1.0"]
+    r = run_cli("train", "--nproc", "3", "--run-dir", str(run), f"data.path={token_data}", *TINY, *overrides,
+                env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "pipeline of 2 stages x 1 data-parallel" in r.stdout and "2 rank(s)" in r.stdout
+    assert "served 8 micro-batches" in r.stdout + r.stderr
+    cfg = fill_latent_width(_config(token_data, overrides), read_meta(token_data))
+    assert cfg.model.latent_width == 32
+    rows = read_metrics(run / "metrics.jsonl")
+    assert_rows_match(rows, reference_run(cfg, token_data, 4, teacher=load_exported(teacher_dir)))
+    assert all(row["teacher_wait_s"] >= 0 for row in rows)
+    exported = load_exported(run / "model")
+    assert exported.cfg.latent_width == 32 and exported.heads.latent_projection.weight.shape == (32, 64)
 
 
 @pytest.mark.multiprocess
