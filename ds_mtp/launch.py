@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 LAUNCH_ENV = ("LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+LOCAL_SIZE_VARS = ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
+"""Ranks on this node, as the deepspeed launcher, torchrun, Open MPI and MPICH's Hydra set it."""
 
 
 def inside_launch() -> bool:

@@ -441,6 +441,21 @@ def connect_bridge(layout: Layout, timeout: float):
     return store, group
 
 
+def count_local_trainers(store, layout: Layout) -> int:
+    """Trainer ranks on this machine, by hostname over the bridge store, and LOCAL_SIZE / LOCAL_WORLD_SIZE set
+    to it. The launcher counted teachers too, and DeepSpeed's CPU all-reduce reads LOCAL_SIZE == WORLD_SIZE as
+    "every trainer is on this machine": it then waits in shared memory for peers elsewhere (seen as a hang
+    with a trainer and a teacher on one node of two). Launchers' local ranks cannot tell: deepspeed numbers
+    them rank mod ranks-per-node. Call on every trainer rank before DeepSpeed initialises."""
+    host = socket.gethostname()
+    store.set(f"ds_mtp_host/{layout.global_rank}", host)
+    local = sum(store.get(f"ds_mtp_host/{r}").decode() == host for r in range(layout.n_trainers))
+    for var in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+        if var in os.environ:
+            os.environ[var] = str(local)
+    return local
+
+
 def transport_dtype() -> torch.dtype:
     """bf16 on GPU machines (half the bytes; the loss reads them in fp32), exact fp32 on CPU."""
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32

@@ -84,13 +84,11 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-LOCAL_SIZE_VARS = ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
-"""Ranks on this node, as the deepspeed launcher, torchrun, Open MPI and MPICH's Hydra set it."""
-
-
 def cpu_threads(env=os.environ, cores: int | None = None) -> int:
     """Torch threads for one CPU rank: OMP_NUM_THREADS when the user set it, else this node's cores shared
     by the ranks of the launch on this node (teacher ranks included: they compute alongside the trainers)."""
+    from ds_mtp.launch import LOCAL_SIZE_VARS
+
     explicit = env.get("OMP_NUM_THREADS", "")
     if explicit.isdigit() and int(explicit) > 0:
         return int(explicit)
@@ -124,8 +122,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     from ds_mtp.engine import build_engine, consolidated_state_dict, init_distributed
     from ds_mtp.model import count_parameters, save_exported
     from ds_mtp.monitor import Monitor, model_flops_per_token, peak_memory_gib
-    from ds_mtp.teacher import (connect_bridge, fill_latent_width, open_feed, run_teacher_rank, source_class,
-                                split_roles)
+    from ds_mtp.teacher import (connect_bridge, count_local_trainers, fill_latent_width, open_feed,
+                                run_teacher_rank, source_class, split_roles)
 
     run_dir = Path(run_dir)
     _quiet_libraries()
@@ -137,6 +135,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         return {}
     fill_latent_width(cfg, read_meta(cfg.data.path))  # before the model is built: ZeRO-3 must see the projection
     bridge = connect_bridge(layout, cfg.teacher.startup_timeout) if layout is not None else (None, None)
+    if layout is not None:
+        count_local_trainers(bridge[0], layout)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     meta = read_meta(cfg.data.path)

@@ -299,21 +299,32 @@ def _assert_trained_3_steps_on_2_ranks(run: Path) -> list[dict]:
 
 
 @pytest.mark.multiprocess
-def test_two_nodes_without_ssh_train_3_steps_together(tmp_path, token_data):
+@pytest.mark.parametrize("teachers", [0, 1])
+def test_two_nodes_without_ssh_train_3_steps_together(tmp_path, token_data, teacher_dir, teachers):
+    """Two "nodes" on localhost, one rank each; with a teacher, node 1 holds a trainer and the teacher."""
     import subprocess
 
-    hostfile = write(tmp_path / "hostfile", "node0 slots=1\nnode1 slots=1\n")
+    from tests.conftest import kill_session
+
+    hostfile = write(tmp_path / "hostfile", f"node0 slots=1\nnode1 slots={1 + teachers}\n")
     run = tmp_path / "run"
+    teacher = [f"teacher.source=checkpoint:{teacher_dir}", "teacher.ranks=1"] if teachers else []
     args = ["--run-dir", str(run), "--hostfile", hostfile, "--no-ssh", "--master-addr", "127.0.0.1",
-            "--master-port", str(free_port()), f"data.path={token_data}", *RUN]
+            "--master-port", str(free_port()), f"data.path={token_data}", *RUN, *teacher]
     env_cmd = [sys.executable, "-m", "ds_mtp.cli", "launch"]
-    node0 = subprocess.Popen([*env_cmd, "--node-rank", "0", *args], cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    node1 = run_cli("launch", "--node-rank", "1", *args)
-    out0, _ = node0.communicate(timeout=300)
+    node0 = subprocess.Popen([*env_cmd, "--node-rank", "0", *args], cwd=REPO, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        node1 = run_cli("launch", "--node-rank", "1", *args, env={"OMP_NUM_THREADS": "1"})
+        out0, _ = node0.communicate(timeout=300)
+    finally:
+        kill_session(node0)
     assert node0.returncode == 0 and node1.returncode == 0, out0[-3000:] + node1.stdout[-3000:] + node1.stderr[-2000:]
-    assert "ZeRO-3, 2 rank(s)" in out0  # rank 0 runs on node 0 and sees both nodes' ranks
-    _assert_trained_3_steps_on_2_ranks(run)
+    assert "ZeRO-3, 2 rank(s)" in out0  # rank 0 runs on node 0 and sees both nodes' trainers
+    rows = _assert_trained_3_steps_on_2_ranks(run)
+    if teachers:
+        assert "served 6 micro-batches" in node1.stdout + node1.stderr and all("teacher_wait_s" in r for r in rows)
 
 
 @pytest.mark.multiprocess

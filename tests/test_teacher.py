@@ -453,3 +453,37 @@ def test_layout_feeds_the_last_pipeline_stage_of_each_replica():
     assert check_rank_counts(7, 3, 1) == (6, 2)
     with pytest.raises(UserError, match="teacher.ranks=3 is more than the 2 data-parallel replica"):
         check_rank_counts(7, 2, 3)
+
+
+@pytest.mark.parametrize("env, role", [
+    ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "3", "LOCAL_SIZE": "3"}, ("trainer", "0", "2")),
+    ({"RANK": "2", "LOCAL_RANK": "2", "WORLD_SIZE": "3", "LOCAL_SIZE": "3"}, ("teacher", "0", "1")),
+    # node 1 of two, as deepspeed numbers local ranks (global rank mod ranks per node)
+    ({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "3", "LOCAL_SIZE": "2"}, ("trainer", "1", "2")),
+    ({"RANK": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "3", "LOCAL_SIZE": "2"}, ("teacher", "0", "1")),
+])
+def test_split_roles_gives_each_role_its_own_world(monkeypatch, token_data, teacher_dir, env, role):
+    from ds_mtp.teacher import split_roles
+
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29600"}.items():
+        monkeypatch.setenv(var, value)
+    layout = split_roles(run_config(token_data, teacher_dir, "teacher.ranks=1"))
+    assert ("teacher" if layout.is_teacher else "trainer", os.environ["RANK"], os.environ["WORLD_SIZE"]) == role
+    assert os.environ["LOCAL_RANK"] == env["LOCAL_RANK"]  # the device a rank takes on its node
+    assert layout.bridge_port == 29601 and layout.global_rank == int(env["RANK"])
+
+
+def test_local_trainers_are_counted_by_host(monkeypatch):
+    import socket
+
+    import torch.distributed as dist
+
+    from ds_mtp.teacher import count_local_trainers
+
+    store = dist.HashStore()
+    store.set("ds_mtp_host/0", "node-0")  # trainer 0 on another machine; trainer 1 and the teacher here
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-1")
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    assert count_local_trainers(store, Layout(1, 3, 1, "127.0.0.1", 0)) == 1 and os.environ["LOCAL_SIZE"] == "1"
