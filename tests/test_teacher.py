@@ -487,3 +487,61 @@ def test_local_trainers_are_counted_by_host(monkeypatch):
     monkeypatch.setattr(socket, "gethostname", lambda: "node-1")
     monkeypatch.setenv("LOCAL_SIZE", "2")
     assert count_local_trainers(store, Layout(1, 3, 1, "127.0.0.1", 0)) == 1 and os.environ["LOCAL_SIZE"] == "1"
+
+
+def _pids_with(*words: str) -> list[int]:
+    """Processes whose command line holds every word (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if all(word.encode() in argv for word in words):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_killing_the_teacher_rank_stops_training_and_keeps_the_last_checkpoint(token_data, teacher_dir, tmp_path):
+    from conftest import kill_session
+
+    run_dir = tmp_path / "run"
+    args = ["train", "--nproc", "3", "--run-dir", str(run_dir), f"data.path={token_data}", "model.preset=tiny",
+            "model.d_model=32", "model.n_layer=1", "model.mtp_k=3", "train.seq_len=32", "train.micro_batch=4",
+            "train.max_steps=100000", "train.save_every=3", "train.save_model=false",
+            f"teacher.source=checkpoint:{teacher_dir}", "teacher.ranks=1", "teacher.timeout=5"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    launch = subprocess.Popen([sys.executable, "-m", "ds_mtp.cli", *args], cwd=REPO, env=env, text=True,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        latest = run_dir / "checkpoints" / "latest"
+
+        def latest_step() -> int:
+            return int(latest.read_text().strip()[4:]) if latest.is_file() else 0
+
+        deadline = time.monotonic() + 180
+        while latest_step() < 6 and time.monotonic() < deadline and launch.poll() is None:
+            time.sleep(0.1)
+        teacher = _pids_with("--local_rank=2", str(run_dir))
+        assert latest_step() >= 6 and len(teacher) == 1, launch.stderr.read()[-2000:]
+        os.kill(teacher[0], signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = launch.communicate(timeout=60)
+        waited = time.monotonic() - killed
+    finally:
+        kill_session(launch)
+    assert launch.returncode != 0 and waited < 5 + 30
+    assert "error: teacher rank 2" in err, err[-2000:]
+    # the checkpoints already written are whole: the run resumes from the last one
+    last = latest_step()
+    result = run_cli(*args[:5], "--resume", *args[5:-1], "teacher.timeout=60", f"train.stop_after={last + 1}",
+                     env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"steps {last}->" in result.stdout and read_metrics_steps(run_dir)[-1] == last + 1
+
+
+def read_metrics_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
