@@ -10,7 +10,7 @@ Resuming: after any shard completes, and every ``CHECKPOINT_SECONDS``, the paren
 input position, both writers, the skip counts and the de-duplication set into ``OUT/.prep_state``
 (companion files first, ``state.json`` last, each atomically). A rerun of the same command after
 a crash or SIGKILL restores that state, cuts the open shards back to it and carries on, giving the
-same bytes as an uninterrupted run. ``meta.json`` (the manifest) is written last of all.
+same bytes as an uninterrupted run. ``manifest.json`` is written last of all.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_mtp.data import META_NAME, Meta, ShardWriter, token_dtype, write_atomic
+from ds_mtp.data import LEGACY_META_NAMES, META_NAME, Meta, ShardWriter, manifest_path, token_dtype, write_atomic
 from ds_mtp.errors import UserError
 from data_prep.corpus import (SKIP_REASONS, UNIT_BYTES, check_sources, fingerprint_sources, iter_units, record_to_text,
                               resolve_sources)
@@ -147,7 +147,7 @@ def _our_files(out: Path) -> list[Path]:
         split, _, number = stem.rpartition("_")
         if split in SPLITS and len(number) == 5 and number.isdigit():
             found.append(p)
-        elif p.name in (META_NAME, META_NAME + ".tmp", STATE_DIR):
+        elif p.name in (META_NAME, META_NAME + ".tmp", *LEGACY_META_NAMES, STATE_DIR):
             found.append(p)
     return found
 
@@ -212,7 +212,7 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
                  val_fraction: float = 0.01, dedup: bool = False, max_doc_chars: int = 1_000_000,
                  strict: bool = False, overwrite: bool = False, resume: bool = False, progress: bool = True,
                  unit_bytes: int = UNIT_BYTES, command: list[str] | None = None, log=print) -> Meta:
-    """Tokenize the corpus into ``OUT/{train,val}_NNNNN.{bin,idx}`` and ``OUT/meta.json``; returns the Meta."""
+    """Tokenize the corpus into ``OUT/{train,val}_NNNNN.{bin,idx}`` and ``OUT/manifest.json``; returns the Meta."""
     out = Path(out)
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
@@ -246,14 +246,15 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
     state_store = _State(out)
     state = None
     existing = _our_files(out)
-    if not (out / STATE_DIR / "state.json").is_file() and not (out / META_NAME).is_file() and \
+    manifest = manifest_path(out)  # an older version's meta.json counts too
+    if not (out / STATE_DIR / "state.json").is_file() and manifest is None and \
             all(p.name.endswith(".tmp") or p.name == STATE_DIR for p in existing):
         # Killed before its first checkpoint: nothing was written that a rerun could not redo.
         _remove(existing)
         existing = []
-    if (out / META_NAME).is_file() and not overwrite:
+    if manifest is not None and not overwrite:
         try:
-            old = json.loads((out / META_NAME).read_text())
+            old = json.loads(manifest.read_text())
         except (OSError, json.JSONDecodeError):
             old = {}
         extra = old.get("extra", {})

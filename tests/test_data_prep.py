@@ -55,7 +55,7 @@ def reference(corpus, tokenizer, tmp_path_factory) -> Path:
 
 def shard_files(data: Path) -> dict:
     files = {p.name: p.read_bytes() for p in sorted(data.iterdir()) if p.suffix in (".bin", ".idx")}
-    meta = json.loads((data / "meta.json").read_text())
+    meta = json.loads((data / "manifest.json").read_text())
     meta["extra"].pop("command")
     return {**files, "meta": meta}
 
@@ -103,7 +103,7 @@ def test_sigkill_then_rerun_is_byte_identical(corpus, tokenizer, reference, tmp_
             "--val-fraction", "0.1", "--unit-bytes", "20000", "--no-progress"]
     r = _prep(*args, env={"DATA_PREP_TEST_KILL_AFTER_UNITS": str(kill_after)})
     assert r.returncode == -9, r.stderr[-2000:]
-    assert not (out / "meta.json").exists()
+    assert not (out / "manifest.json").exists()
     dtype_size = 2
     for bin_path in out.glob("*.bin"):  # whatever is under a final name is a complete shard
         offsets = np.fromfile(bin_path.with_suffix(".idx"), dtype="<i8")
@@ -152,6 +152,24 @@ def test_every_bad_record_is_counted_with_its_location(tokenizer, tmp_path):
               "--strict", "--no-progress")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: bad record at {bad}:2: invalid json (--strict)"]
+
+
+def test_a_directory_from_an_older_version_with_meta_json_is_still_complete(corpus, tokenizer, reference, tmp_path,
+                                                                          capsys):
+    old = tmp_path / "old"
+    shutil.copytree(reference, old)
+    (old / "manifest.json").rename(old / "meta.json")
+    logged = []
+    meta = shard_corpus([str(corpus)], tokenizer, old, shard_tokens=6000, val_fraction=0.1, progress=False,
+                        unit_bytes=20_000, log=logged.append)
+    assert "already complete" in logged[-1] and meta == read_meta(reference)
+    assert verify_data(old, **quiet) == [] and decoded(old, "val") == decoded(reference, "val")
+    assert prep_main(["shard", "--input", str(corpus), "--tokenizer", str(tokenizer), "--out", str(old),
+                      "--val-fraction", "0.2"]) == 2
+    assert "already holds shards from other inputs or options" in capsys.readouterr().err
+    meta = shard_corpus([str(corpus)], tokenizer, old, shard_tokens=6000, val_fraction=0.2, progress=False,
+                        overwrite=True, **quiet)
+    assert (old / "manifest.json").is_file() and not (old / "meta.json").exists()
 
 
 def test_other_formats_give_the_same_shards(docs, tokenizer, reference, tmp_path):
@@ -239,7 +257,7 @@ def test_bad_input_is_one_line_exit_2_and_keeps_existing_output(corpus, tokenize
                     "input not found: /nonexistent.jsonl")
     _one_line_error(capsys, ["shard", "--input", str(empty), "--tokenizer", tok, "--out", str(tmp_path / "o"),
                              "--no-progress"], "no documents to write: the corpus is empty after skipping 2 empty")
-    assert not (tmp_path / "o" / "meta.json").exists() and not list((tmp_path / "o").glob("*.bin"))
+    assert not (tmp_path / "o" / "manifest.json").exists() and not list((tmp_path / "o").glob("*.bin"))
     import pyarrow as pa
     import pyarrow.parquet as pq
 
