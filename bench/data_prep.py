@@ -60,16 +60,18 @@ def ceiling(workers: int) -> tuple[float, float]:
     return tokens / (max(r[1] for r in results) - min(r[0] for r in results)), tokens / sum(r[3] for r in results)
 
 
-def pipeline(corpus: Path, tokenizer: Path, workers: int, work: Path) -> tuple[float, float]:
-    """The whole shard command: tokens per wall second and per CPU second (parent and workers)."""
+def pipeline(corpus: Path, tokenizer: Path, workers: int, work: Path) -> tuple[float, float, float, float]:
+    """The whole shard command: tokens per wall second and per CPU second (parent and workers), and the
+    CPU seconds of the parent process and of the worker processes (0 with one worker, which runs in
+    the parent)."""
     out = work / f"shards_w{workers}"
     shutil.rmtree(out, ignore_errors=True)
     start, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
     meta = shard_corpus([str(corpus)], tokenizer, out, workers=workers, val_fraction=0.01, progress=False,
                         log=lambda *a: None)
     elapsed = time.perf_counter() - start
-    cpu = time.process_time() - cpu + _children_cpu() - children
-    return meta.extra["tokens"] / elapsed, meta.extra["tokens"] / cpu
+    parent, kids = time.process_time() - cpu, _children_cpu() - children
+    return meta.extra["tokens"] / elapsed, meta.extra["tokens"] / (parent + kids), parent, kids
 
 
 def main() -> None:
@@ -104,11 +106,13 @@ def main() -> None:
         pipes = [pipeline(corpus, tokenizer, w, work) for _ in range(args.trials)]
         ceils = [ceiling(w) for _ in range(args.trials)]
         pipe = (max(p[0] for p in pipes), max(p[1] for p in pipes))
+        fastest = max(pipes, key=lambda p: p[0])
         ceil = (max(c[0] for c in ceils), max(c[1] for c in ceils))
         rows[w] = (pipe, ceil)
         print(f"workers={w}: pipeline {pipe[0]:,.0f} tokens/s ({pipe[1]:,.0f} per CPU-s), ceiling {ceil[0]:,.0f} "
               f"tokens/s ({ceil[1]:,.0f} per CPU-s); pipeline/ceiling {pipe[0] / ceil[0]:.2f} wall, "
-              f"{pipe[1] / ceil[1]:.2f} CPU", flush=True)
+              f"{pipe[1] / ceil[1]:.2f} CPU; CPU-s of the fastest run: parent {fastest[2]:.2f}, workers {fastest[3]:.2f}",
+              flush=True)
     if 1 in rows and 2 in rows:
         print(f"speed-up 1 -> 2 workers (wall): pipeline {rows[2][0][0] / rows[1][0][0]:.2f}x, "
               f"ceiling {rows[2][1][0] / rows[1][1][0]:.2f}x")

@@ -21,6 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from ds_mtp.data import has_manifest  # noqa: E402
 from ds_mtp.engine import free_port  # noqa: E402
 from ds_mtp.monitor import read_metrics  # noqa: E402
 from tests.conftest import make_token_data  # noqa: E402
@@ -60,7 +61,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
-    if not (data / "meta.json").is_file():
+    if not has_manifest(data):
         make_token_data(data)
     results = [run_path(name, out, data, args.steps) for name in ("deepspeed-1-node", "mpirun", "two-nodes-no-ssh")]
     base = results[0]

@@ -30,11 +30,11 @@ def make_inputs(out: Path, preset: str, teacher_layers: int, seed: int) -> tuple
     import torch
 
     from ds_mtp.config import PRESETS, ModelConfig
-    from ds_mtp.data import write_documents
+    from ds_mtp.data import has_manifest, write_documents
     from ds_mtp.model import MTPModel, save_exported
 
     data = out / "data"
-    if not (data / "meta.json").is_file():
+    if not has_manifest(data):
         rng = np.random.default_rng(seed)
         docs = [np.concatenate([np.arange(s, s + rng.integers(5, 60)) % 250, [251]]) for s in rng.integers(0, 250, 4000)]
         write_documents(data, {"train": docs}, vocab_size=256, special_ids={"pad": 252, "eos": 251})

@@ -89,7 +89,7 @@ def add_prep_commands(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("shard", help="tokenize a corpus into train/val token shards")
     _corpus_args(p)
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or .model file")
-    p.add_argument("--out", required=True, help="data directory for the shards and meta.json")
+    p.add_argument("--out", required=True, help="data directory for the shards and manifest.json")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     p.add_argument("--shard-tokens", type=int, default=1 << 26, help="start a new shard after about this many tokens")
     p.add_argument("--val-fraction", type=float, default=0.01,

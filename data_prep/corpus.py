@@ -1,11 +1,22 @@
 """Corpus readers: stream local files or a ``datasets`` dataset as resumable units of raw records.
 
-Reading is split in two so the parent process stays cheap: the readers here only cut the input
-into *units* (a list of raw records plus where they came from), and ``records_to_texts`` (run in
-the tokenizer workers) decodes, parses and validates each record. A unit's position
-(``source``, ``start``, ``line``) lets a later run seek straight to it, which is what makes
-sharding resumable. Unit boundaries depend only on the input bytes, never on timing or the
-number of workers, so the output does not either.
+Reading is split in two so the parent process stays cheap. The readers here only cut the input
+into *units*, and the tokenizer workers read (``unit_records``), decode, parse and validate each
+unit's records (``record_to_text``). A unit of a plain ``.txt`` / ``.jsonl`` file is just a byte
+range cut at a line end: the parent seeks to every ``unit_bytes``-th byte and reads forward to the
+next newline, and the worker opens the file and reads the range itself, so the corpus text never
+passes through the parent. Inputs that cannot seek (``.jsonl.gz``, parquet, datasets,
+``--doc-per-file``) hand their records over in the unit instead.
+
+A unit's position (``source``, ``start``) lets a later run seek straight to it, which is what
+makes sharding resumable. Unit boundaries depend only on the input bytes, never on timing or the
+number of workers, so the output does not either. Units carry no line numbers: the parent, which
+receives results in unit order, counts the records of each unit and so knows every record's
+absolute line (or row) for messages.
+
+Lines are split at ``\n`` only, in binary, as ``open(path, "rb")`` iterates them: a lone ``\r`` is
+part of its line (``\r\n`` and trailing ``\r`` are stripped from ``.txt`` documents), a blank line
+is a record (skipped as empty), and a last line without a newline is a record too.
 """
 
 from __future__ import annotations
@@ -43,19 +54,20 @@ class Source:
 
 @dataclass
 class Unit:
-    """A run of raw records from one source, the smallest piece of work a worker gets."""
+    """A run of records from one source, the smallest piece of work a worker gets."""
 
     source: int
     """Index of the source in the input list."""
     start: int
     """Where the unit starts: a byte offset (line-based files) or a row number."""
-    line: int
-    """1-based line (or row) number of the first record, for messages."""
     kind: str
     """How to read the records: "line" (bytes), "json" (bytes), "file" (bytes), "text" (str or None)."""
-    records: list
+    records: list | None
+    """The raw records, or None for a byte range ``[start, next_start)`` of ``path`` that the worker reads."""
     next_start: int
-    next_line: int
+    """Where the next unit of the same source starts."""
+    path: str = ""
+    """The file of a byte-range unit."""
 
 
 def _kind_of(path: Path, doc_per_file: bool) -> str:
@@ -121,11 +133,67 @@ def check_sources(sources: list[Source], field: str) -> None:
             next(_hf_units(0, source, field, 1 << 62), None)
 
 
-def _line_units(index: int, source: Source, start: int, line: int, unit_bytes: int) -> Iterator[Unit]:
-    opener = gzip.open if source.kind == "jsonl.gz" else open
+_SCAN_BYTES = 1 << 16
+
+
+def _line_end(f, pos: int, size: int) -> int:
+    """Offset just past the first newline at or after ``pos`` (the file's size when there is none)."""
+    while pos < size:
+        f.seek(pos)
+        block = f.read(_SCAN_BYTES)
+        if not block:
+            break
+        found = block.find(b"\n")
+        if found >= 0:
+            return pos + found + 1
+        pos += len(block)
+    return size
+
+
+def _range_units(index: int, source: Source, start: int, unit_bytes: int) -> Iterator[Unit]:
+    """Byte-range units of a plain .txt/.jsonl file, each ending at a line end.
+
+    A unit holds the lines up to and including the first one that ends more than ``unit_bytes``
+    past its start (where ``f.readlines(unit_bytes)`` would stop), so boundaries depend only on
+    the file's bytes. Only the few bytes around each cut point are read here.
+    """
     kind = "line" if source.kind == "txt" else "json"
     try:
-        with opener(source.path, "rb") as f:
+        with open(source.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            while start < size:
+                end = _line_end(f, start + unit_bytes, size)
+                yield Unit(index, start, kind, None, end, source.path)
+                start = end
+    except OSError as e:
+        raise UserError(f"cannot read {source.path}: {e.strerror or e}") from None
+
+
+def read_range(path: str, start: int, end: int) -> list[bytes]:
+    """The lines of bytes ``[start, end)`` of a file, split at ``\n`` (which is dropped) and nowhere else."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) != end - start:
+        raise UserError(f"{path} shrank while it was being read (expected bytes {start}-{end})")
+    lines = data.split(b"\n")
+    if not lines[-1]:  # the range ends with a newline (or is empty): no record after it
+        lines.pop()
+    return lines
+
+
+def unit_records(unit: Unit) -> list:
+    """A unit's raw records: those it carries, or the lines of its byte range read from the file."""
+    return unit.records if unit.records is not None else read_range(unit.path, unit.start, unit.next_start)
+
+
+def _line_units(index: int, source: Source, start: int, line: int, unit_bytes: int) -> Iterator[Unit]:
+    """Units of a .jsonl.gz file, which cannot seek cheaply: the records travel in the unit."""
+    try:
+        with gzip.open(source.path, "rb") as f:
             if start:
                 f.seek(start)
             while True:
@@ -137,7 +205,7 @@ def _line_units(index: int, source: Source, start: int, line: int, unit_bytes: i
                 if not records:
                     return
                 end = f.tell()
-                yield Unit(index, start, line, kind, records, end, line + len(records))
+                yield Unit(index, start, "json", records, end)
                 start, line = end, line + len(records)
     except OSError as e:
         raise UserError(f"cannot read {source.path}: {e.strerror or e}") from None
@@ -148,7 +216,7 @@ def _file_unit(index: int, source: Source) -> Iterator[Unit]:
         data = Path(source.path).read_bytes()
     except OSError as e:
         raise UserError(f"cannot read {source.path}: {e.strerror or e}") from None
-    yield Unit(index, 0, 1, "file", [data], 1, 2)
+    yield Unit(index, 0, "file", [data], 1)
 
 
 def _parquet_units(index: int, source: Source, field: str, start: int) -> Iterator[Unit]:
@@ -167,7 +235,7 @@ def _parquet_units(index: int, source: Source, field: str, start: int) -> Iterat
         if row + n > start:
             records = batch.column(0).to_pylist()[max(0, start - row):]
             first = max(row, start)
-            yield Unit(index, first, first + 1, "text", records, row + n, row + n + 1)
+            yield Unit(index, first, "text", records, row + n)
         row += n
 
 
@@ -201,7 +269,7 @@ def _hf_units(index: int, source: Source, field: str, start: int) -> Iterator[Un
     column = ds.select_columns([field])
     for row in range(start, len(ds), UNIT_ROWS):
         records = column[row:row + UNIT_ROWS][field]
-        yield Unit(index, row, row + 1, "text", records, row + len(records), row + len(records) + 1)
+        yield Unit(index, row, "text", records, row + len(records))
 
 
 def iter_units(sources: list[Source], *, field: str = "text", position: tuple[int, int, int] = (0, 0, 1),
@@ -215,7 +283,9 @@ def iter_units(sources: list[Source], *, field: str = "text", position: tuple[in
         source = sources[index]
         if index > first_source:
             start, line = 0, 1
-        if source.kind in ("txt", "jsonl", "jsonl.gz"):
+        if source.kind in ("txt", "jsonl"):
+            yield from _range_units(index, source, start, unit_bytes)
+        elif source.kind == "jsonl.gz":
             yield from _line_units(index, source, start, line, unit_bytes)
         elif source.kind == "txt-file":
             if start == 0:
@@ -237,7 +307,7 @@ def record_to_text(kind: str, record, field: str, max_doc_chars: int) -> tuple[s
         if not isinstance(text, str):
             return None, "not_text"
     else:
-        if kind == "line":
+        if kind == "line":  # the newline itself, when still there, a CR before it and any trailing CR
             record = record.rstrip(b"\r\n")
         try:
             text = record.decode("utf-8")
@@ -269,7 +339,7 @@ def record_to_text(kind: str, record, field: str, max_doc_chars: int) -> tuple[s
 def iter_texts(sources: list[Source], *, field: str = "text", max_doc_chars: int = 0) -> Iterator[str]:
     """Usable documents of the corpus, in order (bad records silently left out: for sampling only)."""
     for unit in iter_units(sources, field=field):
-        for record in unit.records:
+        for record in unit_records(unit):
             text, _ = record_to_text(unit.kind, record, field, max_doc_chars)
             if text is not None:
                 yield text

@@ -1,7 +1,8 @@
 """Tokenize a corpus into train / val token shards (ds_mtp.data format), in parallel and resumably.
 
-The parent process cuts the input into units (``data_prep.corpus``), W worker processes decode,
-validate and tokenize them, and the parent receives the results *in unit order* and appends them
+The parent process cuts the input into units (``data_prep.corpus``; for plain .txt/.jsonl files
+just byte ranges, which the workers read themselves), W worker processes read, decode, validate
+and tokenize them, and the parent receives the results *in unit order* and appends them
 through ``ds_mtp.data.ShardWriter``. Everything that decides the output (unit boundaries, the
 split by content hash, de-duplication) is independent of W and of timing, so the shards are
 byte-identical for any worker count.
@@ -10,7 +11,7 @@ Resuming: after any shard completes, and every ``CHECKPOINT_SECONDS``, the paren
 input position, both writers, the skip counts and the de-duplication set into ``OUT/.prep_state``
 (companion files first, ``state.json`` last, each atomically). A rerun of the same command after
 a crash or SIGKILL restores that state, cuts the open shards back to it and carries on, giving the
-same bytes as an uninterrupted run. ``meta.json`` (the manifest) is written last of all.
+same bytes as an uninterrupted run. ``manifest.json`` is written last of all.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_mtp.data import META_NAME, Meta, ShardWriter, token_dtype, write_atomic
+from ds_mtp.data import LEGACY_META_NAMES, META_NAME, Meta, ShardWriter, manifest_path, token_dtype, write_atomic
 from ds_mtp.errors import UserError
 from data_prep.corpus import (SKIP_REASONS, UNIT_BYTES, check_sources, fingerprint_sources, iter_units, record_to_text,
-                              resolve_sources)
+                              resolve_sources, unit_records)
 from data_prep.tokenizer import INFO_NAME, MODEL_NAME, load_processor, model_path, special_ids, tokenizer_sha256
 
 STATE_DIR = ".prep_state"
@@ -60,12 +61,16 @@ def _init_worker(model_file: str, field: str, max_doc_chars: int, in_pool: bool 
 
 
 def _tokenize_unit(unit):
-    """Decode, validate, hash and tokenize one unit. Returns a compact result for the parent."""
+    """Read (for a byte range), decode, validate, hash and tokenize one unit. Returns a compact result.
+
+    Skips are (reason, index of the record in the unit): the parent turns them into absolute lines.
+    """
+    records = unit_records(unit)
     texts, skips = [], []
-    for i, record in enumerate(unit.records):
+    for i, record in enumerate(records):
         text, reason = record_to_text(unit.kind, record, _worker["field"], _worker["max_doc_chars"])
         if text is None:
-            skips.append((reason, unit.line + i))
+            skips.append((reason, i))
         else:
             texts.append(text)
     digests = b"".join(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=_HASH_BYTES).digest()
@@ -75,9 +80,8 @@ def _tokenize_unit(unit):
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     # int32 halves what travels back to the parent (SentencePiece ids are int32 anyway).
     tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
-    input_bytes = len(unit.records[0]) if unit.kind == "file" else unit.next_start - unit.start
-    return (unit.source, unit.line, unit.next_start, unit.next_line, len(unit.records), input_bytes, tokens, lengths,
-            digests, skips)
+    input_bytes = len(records[0]) if unit.kind == "file" else unit.next_start - unit.start
+    return (unit.source, unit.start, unit.next_start, len(records), input_bytes, tokens, lengths, digests, skips)
 
 
 # ---------------------------------------------------------------- parent side
@@ -147,7 +151,7 @@ def _our_files(out: Path) -> list[Path]:
         split, _, number = stem.rpartition("_")
         if split in SPLITS and len(number) == 5 and number.isdigit():
             found.append(p)
-        elif p.name in (META_NAME, META_NAME + ".tmp", STATE_DIR):
+        elif p.name in (META_NAME, META_NAME + ".tmp", *LEGACY_META_NAMES, STATE_DIR):
             found.append(p)
     return found
 
@@ -212,7 +216,7 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
                  val_fraction: float = 0.01, dedup: bool = False, max_doc_chars: int = 1_000_000,
                  strict: bool = False, overwrite: bool = False, resume: bool = False, progress: bool = True,
                  unit_bytes: int = UNIT_BYTES, command: list[str] | None = None, log=print) -> Meta:
-    """Tokenize the corpus into ``OUT/{train,val}_NNNNN.{bin,idx}`` and ``OUT/meta.json``; returns the Meta."""
+    """Tokenize the corpus into ``OUT/{train,val}_NNNNN.{bin,idx}`` and ``OUT/manifest.json``; returns the Meta."""
     out = Path(out)
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
@@ -246,14 +250,15 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
     state_store = _State(out)
     state = None
     existing = _our_files(out)
-    if not (out / STATE_DIR / "state.json").is_file() and not (out / META_NAME).is_file() and \
+    manifest = manifest_path(out)  # an older version's meta.json counts too
+    if not (out / STATE_DIR / "state.json").is_file() and manifest is None and \
             all(p.name.endswith(".tmp") or p.name == STATE_DIR for p in existing):
         # Killed before its first checkpoint: nothing was written that a rerun could not redo.
         _remove(existing)
         existing = []
-    if (out / META_NAME).is_file() and not overwrite:
+    if manifest is not None and not overwrite:
         try:
-            old = json.loads((out / META_NAME).read_text())
+            old = json.loads(manifest.read_text())
         except (OSError, json.JSONDecodeError):
             old = {}
         extra = old.get("extra", {})
@@ -322,9 +327,18 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
             pool = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(
                 workers, initializer=_init_worker, initargs=(str(model_file), field, max_doc_chars))
             results = _in_order(pool, units, max_pending=2 * workers)
-        for source, line, next_start, next_line, n_records, input_bytes, tokens, lengths, digests, skips in results:
-            for reason, where in skips:
-                location = f"{sources[source].describe()}:{where}"
+        for source, start, next_start, n_records, input_bytes, tokens, lengths, digests, skips in results:
+            # Units arrive in order and follow each other: a unit that continues the position's source
+            # starts at its line; any other is a source's first (start 0, line 1).
+            position = state["position"]
+            if (source, start) == (position[0], position[1]):
+                line = position[2]
+            elif start == 0 and source > position[0]:
+                line = 1
+            else:  # pragma: no cover - iter_units yields contiguous units in order
+                raise AssertionError(f"unit {source}:{start} does not follow position {position}")
+            for reason, i in skips:
+                location = f"{sources[source].describe()}:{line + i}"
                 if strict:
                     raise UserError(f"bad record at {location}: {reason.replace('_', ' ')} (--strict)")
                 state["skipped"][reason] += 1
@@ -350,7 +364,7 @@ def shard_corpus(inputs: list[str], tokenizer: str | Path, out: str | Path, *, h
             state["documents"] += kept
             state["tokens"] += int(lengths[keep].sum())
             state["records"] += n_records
-            state["position"] = [source, next_start, next_line]
+            state["position"] = [source, next_start, line + n_records]
             bar.update(kept, int(lengths[keep].sum()), input_bytes)
             units_done += 1
             if units_done == kill_after:

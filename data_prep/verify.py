@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_mtp.data import META_NAME, read_meta, sha256_file
+from ds_mtp.data import manifest_path, read_meta, sha256_file
 from ds_mtp.errors import UserError
 from data_prep.tokenizer import MODEL_NAME, load_processor, tokenizer_sha256
 
@@ -17,12 +17,13 @@ _CHUNK_TOKENS = 1 << 24
 def verify_data(data_dir: str | Path, log=print) -> list[str]:
     """Re-check every shard of every split; returns the faults found (empty when all is well).
 
-    Per shard: the .bin's and .idx's sha256 against meta.json, the index starting at 0, never
+    Per shard: the .bin's and .idx's sha256 against the manifest, the index starting at 0, never
     decreasing and ending at the .bin's token count, every id below the vocabulary size, and (for
     data_prep output) every document ending in EOS. Also the tokenizer copy against its recorded hash.
     """
     data_dir = Path(data_dir)
     meta = read_meta(data_dir)
+    manifest = manifest_path(data_dir).name
     dtype = np.dtype(meta.dtype)
     eos = meta.special_ids.get("eos") if meta.extra.get("eos_appended") else None
     faults: list[str] = []
@@ -35,10 +36,10 @@ def verify_data(data_dir: str | Path, log=print) -> list[str]:
                 faults.append(f"{info.name}: missing {'.bin' if not bin_path.is_file() else '.idx'}")
                 continue
             if sha256_file(bin_path) != info.sha256:
-                faults.append(f"{info.name}.bin: sha256 differs from {META_NAME}")
+                faults.append(f"{info.name}.bin: sha256 differs from {manifest}")
             idx_bytes = idx_path.read_bytes()
             if hashlib.sha256(idx_bytes).hexdigest() != info.idx_sha256:
-                faults.append(f"{info.name}.idx: sha256 differs from {META_NAME}")
+                faults.append(f"{info.name}.idx: sha256 differs from {manifest}")
             size = bin_path.stat().st_size
             if size % dtype.itemsize:
                 faults.append(f"{info.name}.bin: {size} bytes is not a whole number of {dtype} tokens")
@@ -53,7 +54,7 @@ def verify_data(data_dir: str | Path, log=print) -> list[str]:
                               f"{n_tokens} (ends at {int(offsets[-1]) if offsets.size else 'nothing'})")
                 continue
             if n_tokens != info.tokens or offsets.size - 1 != info.documents:
-                faults.append(f"{info.name}: {n_tokens} tokens / {offsets.size - 1} documents, {META_NAME} says "
+                faults.append(f"{info.name}: {n_tokens} tokens / {offsets.size - 1} documents, {manifest} says "
                               f"{info.tokens} / {info.documents}")
             toks = np.memmap(bin_path, dtype=dtype, mode="r")
             for start in range(0, n_tokens, _CHUNK_TOKENS):
@@ -86,6 +87,7 @@ def inspect_data(data_dir: str | Path, *, shard: str = "", split: str = "train",
     """Decode and print the first ``count`` documents of a shard (default: the split's first)."""
     data_dir = Path(data_dir)
     meta = read_meta(data_dir)
+    manifest = manifest_path(data_dir).name
     if count < 1:
         raise UserError(f"-n must be at least 1, got {count}")
     names = [i.name for s in meta.splits for i in meta.shards(s)]
@@ -104,7 +106,7 @@ def inspect_data(data_dir: str | Path, *, shard: str = "", split: str = "train",
                         f"vocab_size={meta.vocab_size}")
     bin_path, idx_path = data_dir / f"{shard}.bin", data_dir / f"{shard}.idx"
     if not bin_path.is_file() or not idx_path.is_file():
-        raise UserError(f"shard {shard} listed in {META_NAME} is missing from {data_dir}")
+        raise UserError(f"shard {shard} listed in {manifest} is missing from {data_dir}")
     toks = np.memmap(bin_path, dtype=np.dtype(meta.dtype), mode="r")
     offsets = np.fromfile(idx_path, dtype="<i8")
     texts = []

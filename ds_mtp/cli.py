@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in RUN_DIR")
     p.add_argument("--pipeline-stages", type=int, default=None, metavar="P",
                    help="pipeline-parallel stages (= train.pipeline_stages=P; ranks = P x data-parallel replicas)")
-    p.add_argument("--data", default="", help="data directory (meta.json + shards); same as data.path=DIR")
+    p.add_argument("--data", default="", help="data directory (manifest.json + shards); same as data.path=DIR")
     p.add_argument("--lse-target", help="latent targets: self, checkpoint:DIR or sentence:DIR (= teacher.source)")
     p.add_argument("--teacher-ranks", type=int, help="last T ranks of the launch run the teacher (= teacher.ranks)")
     p.add_argument("--teacher-layer", type=int, help="checkpoint teacher block to anchor to (= teacher.layer)")
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = world_sub.add_parser("make", help="build a graph world and write its path datasets as token shards")
     p.add_argument("--world", required=True, help="usg | er | manhattan | edges:PATH")
     p.add_argument("--dataset", default="paper", help="paper | shortest | noisy | random-walks (default paper)")
-    p.add_argument("--out", required=True, help="output directory (shards, meta.json, world.json)")
+    p.add_argument("--out", required=True, help="output directory (shards, manifest.json, world.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace a world already in --out")
     p.add_argument("params", nargs="*", help="key=value world/dataset parameters, e.g. n=50 density=0.3 k=3 "

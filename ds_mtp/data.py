@@ -2,10 +2,11 @@
 
 A data directory holds, per split, shards ``{split}_{i:05d}.bin`` (token ids, little-endian uint16
 when the vocabulary fits, else uint32) with ``{split}_{i:05d}.idx`` (int64 document start offsets
-followed by the shard's token count, so ``len(idx) == documents + 1``), and one ``meta.json``
+followed by the shard's token count, so ``len(idx) == documents + 1``), and one ``manifest.json``
 describing the vocabulary, special ids and every shard. Files are written under temporary names,
-fsynced and renamed, and ``meta.json`` is written last: a directory whose meta.json exists is
-complete.
+fsynced and renamed, and ``manifest.json`` is written last: a directory whose manifest exists is
+complete. Directories written by older versions name the manifest ``meta.json``; readers still
+accept it (``manifest_path``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from ds_mtp.errors import UserError
 if TYPE_CHECKING:  # torch is imported where batches are made, so data_prep's processes start fast
     import torch
 
-META_NAME = "meta.json"
+META_NAME = "manifest.json"
+"""File name of the manifest (the Meta below) in a data directory."""
+LEGACY_META_NAMES = ("meta.json",)
+"""Names older versions gave the manifest: read when ``META_NAME`` is absent."""
 FORMAT_VERSION = 1
 
 
@@ -63,7 +67,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 @dataclass
 class ShardInfo:
-    """One shard as recorded in meta.json."""
+    """One shard as recorded in the manifest."""
 
     name: str
     tokens: int
@@ -74,7 +78,7 @@ class ShardInfo:
 
 @dataclass
 class Meta:
-    """Contents of meta.json: what a reader needs to interpret the shards."""
+    """Contents of the manifest (manifest.json): what a reader needs to interpret the shards."""
 
     vocab_size: int
     """Number of token ids; every id in every shard is below it."""
@@ -94,20 +98,37 @@ class Meta:
         return [ShardInfo(**s) for s in self.splits.get(split, [])]
 
     def write(self, out_dir: Path) -> None:
+        """Write OUT/manifest.json (atomically) and drop a manifest under an old name, which it replaces."""
         write_atomic(Path(out_dir) / META_NAME, (json.dumps(asdict(self), indent=2) + "\n").encode())
+        for legacy in LEGACY_META_NAMES:
+            (Path(out_dir) / legacy).unlink(missing_ok=True)
+
+
+def manifest_path(data_dir: str | Path) -> Path | None:
+    """The manifest of a data directory: ``manifest.json``, else an older version's ``meta.json``, else None."""
+    for name in (META_NAME, *LEGACY_META_NAMES):
+        path = Path(data_dir) / name
+        if path.is_file():
+            return path
+    return None
+
+
+def has_manifest(data_dir: str | Path) -> bool:
+    """Whether ``data_dir`` holds a manifest, i.e. is a complete data directory."""
+    return manifest_path(data_dir) is not None
 
 
 def read_meta(data_dir: str | Path) -> Meta:
-    path = Path(data_dir) / META_NAME
     if not Path(data_dir).is_dir():
         raise UserError(f"data directory not found: {data_dir}")
-    if not path.is_file():
+    path = manifest_path(data_dir)
+    if path is None:
         raise UserError(f"no {META_NAME} in {data_dir}: not a ds-mtp data directory (or an unfinished one)")
     try:
         raw = json.loads(path.read_text())
         return Meta(**raw)
     except (json.JSONDecodeError, TypeError) as e:
-        raise UserError(f"{path} is not a valid ds-mtp meta file: {e}") from None
+        raise UserError(f"{path} is not a valid ds-mtp manifest: {e}") from None
 
 
 class ShardWriter:
@@ -270,7 +291,7 @@ class ShardWriter:
 
 def write_documents(out_dir: str | Path, documents_by_split: dict, *, vocab_size: int, special_ids: dict,
                     extra: dict | None = None, shard_tokens: int = 1 << 26) -> Meta:
-    """Write whole splits (iterables of token sequences) and meta.json in one call."""
+    """Write whole splits (iterables of token sequences) and the manifest in one call."""
     meta = Meta(vocab_size=vocab_size, dtype=token_dtype(vocab_size).str, special_ids=special_ids,
                 extra=extra or {})
     for split, docs in documents_by_split.items():
@@ -289,6 +310,7 @@ class TokenShards:
     def __init__(self, data_dir: str | Path, split: str = "train"):
         self.data_dir = Path(data_dir)
         self.meta = read_meta(data_dir)
+        manifest = manifest_path(data_dir).name
         self.split = split
         infos = [s for s in self.meta.shards(split) if s.tokens > 0]
         if not infos:
@@ -299,11 +321,11 @@ class TokenShards:
             bin_path = self.data_dir / f"{info.name}.bin"
             idx_path = self.data_dir / f"{info.name}.idx"
             if not bin_path.is_file() or not idx_path.is_file():
-                raise UserError(f"shard {info.name} listed in {META_NAME} is missing from {data_dir}")
+                raise UserError(f"shard {info.name} listed in {manifest} is missing from {data_dir}")
             toks = np.memmap(bin_path, dtype=np.dtype(self.meta.dtype), mode="r")
             offs = np.fromfile(idx_path, dtype="<i8")
             if toks.size != info.tokens or offs.size != info.documents + 1 or offs[-1] != toks.size:
-                raise UserError(f"shard {info.name} in {data_dir} does not match {META_NAME} (truncated or replaced)")
+                raise UserError(f"shard {info.name} in {data_dir} does not match {manifest} (truncated or replaced)")
             self.tokens.append(toks)
             self.offsets.append(offs)
 
@@ -355,7 +377,7 @@ class WindowSampler:
         self.seed, self.dp_rank, self.dp_size, self.mode = seed, dp_rank, dp_size, mode
         self.pad_id = shards.meta.special_ids.get("pad")
         if mode == "document" and self.pad_id is None:
-            raise UserError("document sampling needs a pad id in meta.json special_ids")
+            raise UserError(f"document sampling needs a pad id in the special_ids of {META_NAME}")
         if mode == "packed":
             per_shard = np.array([t.size // seq_len for t in shards.tokens], dtype=np.int64)
             if per_shard.sum() == 0:

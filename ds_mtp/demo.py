@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ds_mtp.data import write_atomic
+from ds_mtp.data import has_manifest, write_atomic
 
 # (name, K, λ_latent, λ_semantic): the paper's three methods.
 METHODS = [("NTP", 1, 0.0, 0.0), ("MTP", 4, 0.0, 0.0), ("LSE-MTP", 4, 0.1, 0.1)]
@@ -63,7 +63,7 @@ def run_demo(run_dir: str | Path, steps: int = 0, nproc: int = 2, seed: int = 0)
     run_dir = Path(run_dir)
     steps = steps or DEMO_STEPS
     world_dir = run_dir / "world"
-    if not (world_dir / "meta.json").is_file():
+    if not has_manifest(world_dir):
         print(f"[demo] generating the USG world (100 nodes) into {world_dir}", flush=True)
         make_world("usg", "paper", world_dir, seed=seed)
     world = load_world(world_dir)

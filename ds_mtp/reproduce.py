@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_mtp.data import write_atomic
+from ds_mtp.data import has_manifest, write_atomic
 from ds_mtp.errors import UserError
 
 SETTINGS_FILE = "reproduce.json"
@@ -327,10 +327,10 @@ def world_source(world: str) -> tuple[str, Path | None]:
     """("make", None) for a world name make_world knows, ("dir", path) for an existing world directory."""
     path = Path(world)
     if world not in ("usg", "er", "manhattan") and not world.startswith("edges:"):
-        if (path / "world.json").is_file() and (path / "meta.json").is_file():
+        if (path / "world.json").is_file() and has_manifest(path):
             return "dir", path.resolve()
         if path.exists():
-            raise UserError(f"--world {world}: not a world directory (needs world.json and meta.json; "
+            raise UserError(f"--world {world}: not a world directory (needs world.json and manifest.json; "
                             "make one with `ds-mtp world make`)")
         raise UserError(f"unknown world '{world}' (expected usg, er, manhattan, edges:PATH or a world directory)")
     return "make", None
@@ -352,8 +352,8 @@ def prepare_world(world: str, out: Path, scale: Scale, world_seed: int) -> Path:
     if kind == "dir":
         return path
     world_dir = out / "world"
-    if (world_dir / "meta.json").is_file() and (world_dir / "world.json").is_file():
-        return world_dir  # make_world writes meta.json last: the directory is complete
+    if has_manifest(world_dir) and (world_dir / "world.json").is_file():
+        return world_dir  # make_world writes the manifest last: the directory is complete
     from ds_mtp.worlds import make_world
 
     if world_dir.exists():

@@ -70,7 +70,7 @@ def test_document_mode_pads(tmp_path, docs):
 def test_reader_errors(tmp_path, docs):
     with pytest.raises(UserError, match="not found"):
         TokenShards(tmp_path / "missing")
-    with pytest.raises(UserError, match="no meta.json"):
+    with pytest.raises(UserError, match="no manifest.json"):
         TokenShards(tmp_path)
     write_documents(tmp_path, {"train": docs}, vocab_size=100, special_ids={})
     with pytest.raises(UserError, match="no 'valid' tokens"):
@@ -80,6 +80,32 @@ def test_reader_errors(tmp_path, docs):
         TokenShards(tmp_path)
     with pytest.raises(ValueError, match="out of range"):
         write_documents(tmp_path / "x", {"train": [[5, 100]]}, vocab_size=100, special_ids={})
+
+
+def test_manifest_is_manifest_json_and_an_older_meta_json_is_still_read(tmp_path, docs):
+    from ds_mtp.data import manifest_path
+
+    new, old = tmp_path / "new", tmp_path / "old"
+    meta = write_documents(new, {"train": docs}, vocab_size=100, special_ids={"pad": 99}, shard_tokens=500)
+    assert (new / "manifest.json").is_file() and not (new / "meta.json").exists()
+    # A directory written by an older version: the same files, the manifest under its old name.
+    old.mkdir()
+    for p in new.iterdir():
+        (old / ("meta.json" if p.name == "manifest.json" else p.name)).write_bytes(p.read_bytes())
+    assert manifest_path(old) == old / "meta.json" and read_meta(old) == meta
+    shards = TokenShards(old)
+    assert shards.num_documents == len(docs)
+    np.testing.assert_array_equal(shards.document(57), docs[57])
+    (old / "train_00000.bin").write_bytes(b"\0\0")
+    with pytest.raises(UserError, match="does not match meta.json"):  # messages name the file actually read
+        TokenShards(old)
+    # Rewriting the directory replaces the old manifest rather than leaving a stale one beside the new.
+    write_documents(old, {"train": docs[:5]}, vocab_size=100, special_ids={"pad": 99})
+    assert manifest_path(old) == old / "manifest.json" and not (old / "meta.json").exists()
+    assert TokenShards(old).num_documents == 5
+    # manifest.json wins over a meta.json beside it.
+    (new / "meta.json").write_text("not json")
+    assert read_meta(new) == meta
 
 
 def _shard_bytes(path):

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from data_prep.cli import main as prep_main
+from data_prep.corpus import iter_units, read_range, record_to_text, resolve_sources, unit_records
 from data_prep.shard import shard_corpus
 from data_prep.stdlib_corpus import write_stdlib_corpus
 from data_prep.tokenizer import adopt_tokenizer, load_processor, train_tokenizer
 from data_prep.verify import inspect_data, verify_data
 from ds_mtp.cli import main as ds_main
-from ds_mtp.data import TokenShards, read_meta
+from ds_mtp.data import TokenShards, read_meta, sha256_file
 from ds_mtp.monitor import read_metrics
 from tests.conftest import REPO, run_cli
 
@@ -55,7 +56,7 @@ def reference(corpus, tokenizer, tmp_path_factory) -> Path:
 
 def shard_files(data: Path) -> dict:
     files = {p.name: p.read_bytes() for p in sorted(data.iterdir()) if p.suffix in (".bin", ".idx")}
-    meta = json.loads((data / "meta.json").read_text())
+    meta = json.loads((data / "manifest.json").read_text())
     meta["extra"].pop("command")
     return {**files, "meta": meta}
 
@@ -103,7 +104,7 @@ def test_sigkill_then_rerun_is_byte_identical(corpus, tokenizer, reference, tmp_
             "--val-fraction", "0.1", "--unit-bytes", "20000", "--no-progress"]
     r = _prep(*args, env={"DATA_PREP_TEST_KILL_AFTER_UNITS": str(kill_after)})
     assert r.returncode == -9, r.stderr[-2000:]
-    assert not (out / "meta.json").exists()
+    assert not (out / "manifest.json").exists()
     dtype_size = 2
     for bin_path in out.glob("*.bin"):  # whatever is under a final name is a complete shard
         offsets = np.fromfile(bin_path.with_suffix(".idx"), dtype="<i8")
@@ -152,6 +153,121 @@ def test_every_bad_record_is_counted_with_its_location(tokenizer, tmp_path):
               "--strict", "--no-progress")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: bad record at {bad}:2: invalid json (--strict)"]
+
+
+AWKWARD_LINES = b"first\r\nsecond has a lone \r inside\n\n\nthird\r\r\n  \n\xff not utf-8\nlast, without a newline"
+
+
+def _readlines_reference(path: Path, unit_bytes: int) -> tuple[list[bytes], list[int]]:
+    """Lines (newline dropped) and unit starts as ``open(path, "rb").readlines(unit_bytes)`` cuts them."""
+    lines, starts = [], []
+    with open(path, "rb") as f:
+        while chunk := f.readlines(unit_bytes):
+            starts.append(f.tell() - sum(map(len, chunk)))
+            lines += [line[:-1] if line.endswith(b"\n") else line for line in chunk]
+    return lines, starts
+
+
+@pytest.mark.parametrize("unit_bytes", [1, 7, 1 << 20])
+@pytest.mark.parametrize("final_newline", [False, True])
+def test_byte_range_units_give_exactly_the_files_lines(tmp_path, unit_bytes, final_newline):
+    path = tmp_path / "awkward.txt"
+    path.write_bytes(AWKWARD_LINES + (b"\n" if final_newline else b""))
+    expected = [b"first\r", b"second has a lone \r inside", b"", b"", b"third\r\r", b"  ", b"\xff not utf-8",
+                b"last, without a newline"]
+    units = list(iter_units(resolve_sources([str(path)]), unit_bytes=unit_bytes))
+    assert all(u.records is None for u in units)  # the parent hands over ranges, not text
+    assert [u.start for u in units] == [0] + [u.next_start for u in units[:-1]]
+    assert units[-1].next_start == path.stat().st_size
+    assert all(path.read_bytes()[u.next_start - 1:u.next_start] == b"\n" for u in units[:-1])
+    assert [r for u in units for r in unit_records(u)] == expected
+    assert len(units) == 1 if unit_bytes > 100 else len(units) > 3
+    # The same cut points (and so the same resume positions) as reading with readlines(unit_bytes) in binary.
+    assert _readlines_reference(path, unit_bytes) == (expected, [u.start for u in units])
+    texts = [record_to_text(u.kind, r, "text", 0) for u in units for r in unit_records(u)]
+    assert texts == [("first", ""), ("second has a lone \r inside", ""), (None, "empty"), (None, "empty"),
+                     ("third", ""), (None, "empty"), (None, "not_utf8"), ("last, without a newline", "")]
+    # Universal newlines would also split at the lone CR and at the CR of "\r\r\n": two more lines.
+    assert len(path.read_text(errors="replace").splitlines()) == len(expected) + 2
+    # A .jsonl file is cut the same way; JSON records keep their CRs (JSON whitespace between tokens).
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_bytes(b'{"text": "one"}\r\n\r\n{"text":\r"two"}\n{"text": "three"}')
+    units = list(iter_units(resolve_sources([str(jsonl)]), unit_bytes=unit_bytes))
+    assert [record_to_text(u.kind, r, "text", 0) for u in units for r in unit_records(u)] == \
+        [("one", ""), (None, "empty"), ("two", ""), ("three", "")]
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    assert list(iter_units(resolve_sources([str(empty)]), unit_bytes=unit_bytes)) == []
+    assert read_range(str(path), 0, 0) == []
+
+
+def _numbered_jsonl(path: Path, n: int, bad: dict) -> None:
+    lines = [bad.get(i, json.dumps({"text": f"Document number {i} of the numbered corpus."}).encode())
+             for i in range(1, n + 1)]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+def test_a_bad_record_is_reported_at_its_exact_line_with_two_workers(tokenizer, tmp_path):
+    a = tmp_path / "a.jsonl"
+    _numbered_jsonl(a, 400, {251: b'{"text": "broken'})
+    b = tmp_path / "b.txt"  # CRLF lines, a lone CR, a blank line at 3 and bad UTF-8 at 7
+    b.write_bytes(b"one\r\ntwo with a lone \r in it\r\n\r\nfour\r\nfive\r\nsix\r\n\xff seven\r\neight")
+    c = tmp_path / "c.jsonl.gz"  # records handed over in the unit: line numbers the same way
+    with gzip.open(c, "wb") as f:
+        f.write(b"\n".join(json.dumps({"text": f"gz doc {i}"}).encode() if i != 12 else b'{"t": 1}'
+                           for i in range(1, 31)) + b"\n")
+    out = tmp_path / "out"
+    r = _prep("shard", "--input", str(a), "--input", str(b), "--input", str(c), "--tokenizer", str(tokenizer),
+              "--out", str(out), "--workers", "2", "--unit-bytes", "500", "--shard-tokens", "2000", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["extra"]["skip_examples"] == [f"{a}:251: invalid_json", f"{b}:3: empty", f"{b}:7: not_utf8",
+                                                  f"{c}:12: missing_field"]
+    assert manifest["extra"]["records"] == 400 + 8 + 30 and manifest["extra"]["documents"] == 399 + 6 + 29
+    # The manifest holds everything the issue lists.
+    assert manifest["extra"]["tokenizer_sha256"] == sha256_file(tokenizer / "tokenizer.model")
+    assert manifest["vocab_size"] == 600 and manifest["dtype"] == "<u2"
+    assert manifest["extra"]["skipped"] == {"invalid_json": 1, "missing_field": 1, "not_text": 0, "not_utf8": 1,
+                                            "empty": 1, "too_long": 0, "duplicate": 0}
+    command = manifest["extra"]["command"]
+    assert command[command.index("shard"):][:2] == ["shard", "--input"] and command[-2:] == ["2000", "--no-progress"]
+    shards = [s for split in ("train", "val") for s in manifest["splits"][split]]
+    assert len(shards) > 2 and sum(s["documents"] for s in shards) == manifest["extra"]["documents"]
+    for s in shards:
+        assert sha256_file(out / f"{s['name']}.bin") == s["sha256"]
+        assert sha256_file(out / f"{s['name']}.idx") == s["idx_sha256"]
+        assert (out / f"{s['name']}.bin").stat().st_size == 2 * s["tokens"]
+        assert np.fromfile(out / f"{s['name']}.idx", dtype="<i8").size == s["documents"] + 1
+    texts = decoded(out, "train") + decoded(out, "val")
+    assert "two with a lone \r in it" in texts and "eight" in texts and "gz doc 30" in texts
+    one = shard_corpus([str(a), str(b), str(c)], tokenizer, tmp_path / "w1", shard_tokens=2000, progress=False, **quiet)
+    assert one.extra["skip_examples"] == manifest["extra"]["skip_examples"]
+    assert shard_files(tmp_path / "w1") == shard_files(out)  # one worker, 1 MiB units: the same bytes
+    r = _prep("shard", "--input", str(b), "--input", str(a), "--tokenizer", str(tokenizer), "--out",
+              str(tmp_path / "strict"), "--workers", "2", "--unit-bytes", "500", "--strict", "--no-progress")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: bad record at {b}:3: empty (--strict)"]
+    _numbered_jsonl(a, 400, {251: b'{"text": 7}'})
+    r = _prep("shard", "--input", str(a), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "strict2"),
+              "--workers", "2", "--unit-bytes", "500", "--strict", "--no-progress")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: bad record at {a}:251: not text (--strict)"]
+
+
+def test_a_directory_from_an_older_version_with_meta_json_is_still_complete(corpus, tokenizer, reference, tmp_path,
+                                                                          capsys):
+    old = tmp_path / "old"
+    shutil.copytree(reference, old)
+    (old / "manifest.json").rename(old / "meta.json")
+    logged = []
+    meta = shard_corpus([str(corpus)], tokenizer, old, shard_tokens=6000, val_fraction=0.1, progress=False,
+                        unit_bytes=20_000, log=logged.append)
+    assert "already complete" in logged[-1] and meta == read_meta(reference)
+    assert verify_data(old, **quiet) == [] and decoded(old, "val") == decoded(reference, "val")
+    assert prep_main(["shard", "--input", str(corpus), "--tokenizer", str(tokenizer), "--out", str(old),
+                      "--val-fraction", "0.2"]) == 2
+    assert "already holds shards from other inputs or options" in capsys.readouterr().err
+    meta = shard_corpus([str(corpus)], tokenizer, old, shard_tokens=6000, val_fraction=0.2, progress=False,
+                        overwrite=True, **quiet)
+    assert (old / "manifest.json").is_file() and not (old / "meta.json").exists()
 
 
 def test_other_formats_give_the_same_shards(docs, tokenizer, reference, tmp_path):
@@ -239,7 +355,7 @@ def test_bad_input_is_one_line_exit_2_and_keeps_existing_output(corpus, tokenize
                     "input not found: /nonexistent.jsonl")
     _one_line_error(capsys, ["shard", "--input", str(empty), "--tokenizer", tok, "--out", str(tmp_path / "o"),
                              "--no-progress"], "no documents to write: the corpus is empty after skipping 2 empty")
-    assert not (tmp_path / "o" / "meta.json").exists() and not list((tmp_path / "o").glob("*.bin"))
+    assert not (tmp_path / "o" / "manifest.json").exists() and not list((tmp_path / "o").glob("*.bin"))
     import pyarrow as pa
     import pyarrow.parquet as pq
 

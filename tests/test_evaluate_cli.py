@@ -20,7 +20,7 @@ def world_dir(tmp_path_factory):
 
 
 def test_world_make_writes_a_world_and_refuses_to_overwrite_it(world_dir, capsys):
-    assert (world_dir / "world.json").is_file() and (world_dir / "meta.json").is_file()
+    assert (world_dir / "world.json").is_file() and (world_dir / "manifest.json").is_file()
     before = (world_dir / "world.json").read_bytes()
     assert main(["world", "make", "--world", "usg", "--out", str(world_dir), "n=12"]) == 2
     assert "already holds a world" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_mtp.data import write_atomic, write_documents
+from ds_mtp.data import has_manifest, write_atomic, write_documents
 from ds_mtp.errors import UserError
 from ds_mtp.worlds import datasets as ds
 from ds_mtp.worlds.graphs import Graph, er, from_edges_file, usg
@@ -116,7 +116,7 @@ def make_world(world: str, dataset: str, out_dir: str | Path, seed: int = 0, ove
     reachable pair; required for graphs over 1,000 nodes). Returns ``out_dir``. With
     ``overwrite=False`` a directory that already holds a world is refused (UserError).
     """
-    if not overwrite and any((Path(out_dir) / f).exists() for f in (WORLD_FILE, "meta.json")):
+    if not overwrite and ((Path(out_dir) / WORLD_FILE).exists() or has_manifest(out_dir)):
         raise UserError(f"{out_dir} already holds a world (pass --force to replace it)")
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset '{dataset}' (expected one of: {', '.join(DATASETS)})")
@@ -175,7 +175,7 @@ def make_world(world: str, dataset: str, out_dir: str | Path, seed: int = 0, ove
     all_params = {"world": world, "kind": kind, "dataset": dataset, "seed": seed,
                   **{k: v for k, v in WORLD_PARAMS[kind].items()}, **world_params, **opts, "format": fmt}
     result = World(world, graph, tokenizer, train_pairs, heldout_pairs, all_params)
-    # world.json first: meta.json is written last and marks the directory complete
+    # world.json first: the manifest (manifest.json) is written last and marks the directory complete
     write_atomic(out_dir / WORLD_FILE, (json.dumps(result.to_json()) + "\n").encode())
     extra = {"world": {"name": world, "format": fmt, "params": all_params, "vocab": tokenizer.vocab,
                        "world_file": WORLD_FILE, "num_nodes": graph.num_nodes, "num_edges": len(graph.edges),
