@@ -28,7 +28,7 @@ class ModelConfig:
     preset: str = ""
     """Name of a preset in PRESETS that supplies the defaults of this section ("" = none)."""
     vocab_size: int = 0
-    """Number of token ids; 0 takes it from the data's meta.json."""
+    """Number of token ids; 0 takes it from the data's manifest.json."""
     n_layer: int = 4
     """Number of transformer blocks in the trunk."""
     n_head: int = 4
@@ -149,7 +149,7 @@ class DataConfig:
     """Where training windows come from."""
 
     path: str = ""
-    """Directory with meta.json and token shards (ds_mtp.data format)."""
+    """Directory with manifest.json and token shards (ds_mtp.data format)."""
     split: str = "train"
     """Split to train on."""
     sampling: str = "packed"

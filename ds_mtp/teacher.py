@@ -171,7 +171,7 @@ def _token_strings(meta) -> list[str]:
     vocab = (extra.get("world") or {}).get("vocab") or extra.get("vocab")
     if not vocab:
         raise UserError("teacher.source=sentence: needs the token strings to decode windows into text, but "
-                        "the data's meta.json has no extra.vocab (or extra.world.vocab)")
+                        "the data's manifest.json has no extra.vocab (or extra.world.vocab)")
     return list(vocab)
 
 
