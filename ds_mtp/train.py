@@ -219,29 +219,28 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         sums /= t.grad_accum * dp_size
         grad_norm = engine.get_global_grad_norm()
         elapsed = time.perf_counter() - started
-        peak = torch.tensor([peak_memory_gib()], dtype=torch.float64)
+        # Maxima over ranks in one all-reduce: the rank closest to running out of memory, and the fed rank
+        # that waited longest for its teacher this step (the overlap check).
+        maxima = torch.tensor([peak_memory_gib(), feed.wait_s if feed is not None else 0.0], dtype=torch.float64)
+        if feed is not None:
+            feed.wait_s = 0.0
         if world > 1:
-            peak = peak.to(device)
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the rank closest to running out
+            maxima = maxima.to(device)
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+            maxima = maxima.cpu()
         row = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": sums[0].item()}
         row.update({f"ce_{k}": sums[k].item() for k in range(1, K + 1)})
         row.update({f"latent_{k}": sums[K + k - 1].item() for k in range(2, K + 1)})
         row.update({f"semantic_{k}": sums[2 * K + k - 2].item() for k in range(2, K + 1)})
         row.update({f"acc_{k}": sums[3 * K + k - 2].item() for k in range(1, K + 1)})
         row.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
-                   tokens_per_s=tokens_per_step / elapsed, peak_mem_gib=peak.item())
+                   tokens_per_s=tokens_per_step / elapsed, peak_mem_gib=maxima[0].item())
         if flops_per_token:
             row["tflops_per_gpu"] = flops_per_token * tokens_per_step / elapsed / world / 1e12
             if t.peak_tflops:
                 row["mfu"] = row["tflops_per_gpu"] / t.peak_tflops
-        if source_class(cfg) is not None:  # the slowest fed rank's time blocked on latent targets (overlap check)
-            wait = torch.tensor([feed.wait_s if feed is not None else 0.0], dtype=torch.float64)
-            if world > 1:
-                wait = wait.to(device)
-                dist.all_reduce(wait, op=dist.ReduceOp.MAX)
-            row["teacher_wait_s"] = wait.item()
-            if feed is not None:
-                feed.wait_s = 0.0
+        if source_class(cfg) is not None:
+            row["teacher_wait_s"] = maxima[1].item()
         monitor.log(row)
         last = row
         if rank == 0 and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps):

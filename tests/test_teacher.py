@@ -15,7 +15,8 @@ from ds_mtp.data import TokenShards, WindowSampler, read_meta, write_documents
 from ds_mtp.engine import free_port
 from ds_mtp.errors import UserError
 from ds_mtp.model import MTPModel, load_exported, save_exported
-from ds_mtp.objective import lse_mtp_loss, valid_mask
+from ds_mtp.monitor import read_metrics
+from ds_mtp.objective import lse_mtp_loss
 from ds_mtp.teacher import CheckpointTeacher, Layout, LocalFeed, RemoteFeed, fill_latent_width, head_targets
 from ds_mtp.train import resolve_data
 
@@ -540,8 +541,4 @@ def test_killing_the_teacher_rank_stops_training_and_keeps_the_last_checkpoint(t
     result = run_cli(*args[:5], "--resume", *args[5:-1], "teacher.timeout=60", f"train.stop_after={last + 1}",
                      env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"steps {last}->" in result.stdout and read_metrics_steps(run_dir)[-1] == last + 1
-
-
-def read_metrics_steps(run_dir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert f"steps {last}->" in result.stdout and read_metrics(run_dir / "metrics.jsonl")[-1]["step"] == last + 1
