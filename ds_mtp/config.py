@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ds_mtp.data import SAMPLING_MODES
 from ds_mtp.errors import UserError
 
 HEAD_TYPES = ("linear", "block", "sequential")
@@ -41,6 +42,11 @@ class ModelConfig:
     """Longest sequence the model accepts (size of the learned position table)."""
     positions: str = "rope"
     """Position encoding: "rope" or "learned"."""
+    attention: str = "document"
+    """What a token attends to in a window of several documents (data.sampling=packed or packed_documents):
+    "document" = only earlier tokens of its own document, with positions restarting at each document's start
+    (block-diagonal causal attention from the batch's doc_ids, as Llama 3 packs); "window" = every earlier
+    token of the window, positions counted from the window's start. Equal for one document per row."""
     norm: str = "rmsnorm"
     """Normalisation: "rmsnorm" or "layernorm"."""
     mlp: str = "swiglu"
@@ -153,7 +159,10 @@ class DataConfig:
     split: str = "train"
     """Split to train on."""
     sampling: str = "packed"
-    """"packed" windows over the token stream, or "document" (one document per row, padded)."""
+    """How windows are cut (ds_mtp.data.WindowSampler): "packed" = consecutive windows of the token stream (a
+    document may continue in the next window); "packed_documents" = whole documents packed into windows (best fit;
+    padding only at a window's tail; every document must fit in train.seq_len), for many short documents such as
+    graph paths; "document" = one document per row, right-padded."""
 
 
 @dataclass
@@ -297,7 +306,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"unknown head type '{m.head_type}' (choose from {', '.join(HEAD_TYPES)})")
     for name, value, choices in (("positions", m.positions, ("rope", "learned")),
                                  ("norm", m.norm, ("rmsnorm", "layernorm")),
-                                 ("mlp", m.mlp, ("gelu", "swiglu"))):
+                                 ("mlp", m.mlp, ("gelu", "swiglu")),
+                                 ("attention", m.attention, ("document", "window"))):
         if value not in choices:
             raise UserError(f"model.{name} must be one of {', '.join(choices)} (got '{value}')")
     if m.d_model % m.n_head:
@@ -361,5 +371,5 @@ def validate(cfg: RunConfig) -> None:
                         "negative")
     if th.source != "self" and m.mtp_k < 2:
         raise UserError(f"teacher.source={th.source} supplies latent targets for heads k >= 2, but model.mtp_k=1")
-    if cfg.data.sampling not in ("packed", "document"):
-        raise UserError(f"data.sampling must be packed or document (got '{cfg.data.sampling}')")
+    if cfg.data.sampling not in SAMPLING_MODES:
+        raise UserError(f"data.sampling must be one of {', '.join(SAMPLING_MODES)} (got '{cfg.data.sampling}')")

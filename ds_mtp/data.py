@@ -355,38 +355,126 @@ class Batch:
     """[B, T] int64; equal values mark positions of one document within a row."""
 
 
+SAMPLING_MODES = ("packed", "packed_documents", "document")
+"""How windows are cut from a split (see WindowSampler)."""
+
+
+def pack_documents(lengths: np.ndarray, capacity: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit-decreasing packing of whole documents into windows of ``capacity`` tokens.
+
+    lengths [N] (each <= capacity). Documents are taken longest first (ties in ``rng``'s order); each goes
+    into the open window with the least room that fits it, else opens a window. Returns (order [N]: the
+    documents window by window, in placement order; bounds [W+1]: window w holds order[bounds[w]:bounds[w+1]]).
+    Works on whole groups of equal length at once, so the cost grows with capacity², not with N.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    by_room: list[list[np.ndarray]] = [[] for _ in range(capacity + 1)]  # room -> arrays of window ids
+    doc_window = np.empty(lengths.size, dtype=np.int64)
+    n_windows = 0
+    shuffled = rng.permutation(lengths.size)
+    order = shuffled[np.argsort(-lengths[shuffled], kind="stable")]
+    starts = np.flatnonzero(np.r_[True, lengths[order][1:] != lengths[order][:-1]])
+    for first, last in zip(starts, np.r_[starts[1:], order.size]):
+        docs, length = order[first:last], int(lengths[order[first]])
+        placed = 0
+        while placed < docs.size:  # best fit: the open windows with the least room that still fits
+            room = next((r for r in range(length, capacity + 1) if by_room[r]), None)
+            if room is None:
+                break
+            windows = by_room[room].pop()
+            take = min(windows.size, docs.size - placed)
+            doc_window[docs[placed:placed + take]] = windows[:take]
+            placed += take
+            if take < windows.size:
+                by_room[room].append(windows[take:])
+            if room > length:
+                by_room[room - length].append(windows[:take])
+        if placed < docs.size:  # new windows, each filled with as many of these documents as fit
+            per_window = capacity // length
+            fresh = n_windows + np.arange(docs.size - placed) // per_window
+            doc_window[docs[placed:]] = fresh
+            n_windows = int(fresh[-1]) + 1
+            used = np.bincount(fresh - fresh[0]) * length
+            for room in np.unique(capacity - used):
+                if room > 0:
+                    by_room[room].append(fresh[0] + np.flatnonzero(capacity - used == room))
+    # Within a window, documents keep their placement order (longest first).
+    placement = np.empty(lengths.size, dtype=np.int64)
+    placement[order] = np.arange(order.size)
+    packed = np.lexsort((placement, doc_window))
+    bounds = np.searchsorted(doc_window[packed], np.arange(n_windows + 1))
+    return packed, bounds
+
+
 class WindowSampler:
     """Deterministic, rank-disjoint, resumable batches of fixed-length windows.
 
     ``mode="packed"``: the split is cut into consecutive non-overlapping windows of ``seq_len``
-    tokens (per shard); documents run across window positions and ``doc_ids`` tell them apart.
+    tokens (per shard); documents run across window positions and ``doc_ids`` tell them apart (a
+    document may continue into the next window).
+    ``mode="packed_documents"``: whole documents packed into windows (best fit decreasing, once per run
+    from ``seed``); a document never spans two windows, and padding sits only at a window's tail, with
+    doc id -1. Every document must fit in ``seq_len``. For many short documents (graph paths): with
+    model.attention = "document" each is computed as if alone in its row, without its padding.
     ``mode="document"``: one document per row, truncated to ``seq_len`` and right-padded with the
     pad id (for short, self-contained sequences such as graph paths).
 
-    Samples are drawn from a stream that is a fresh permutation every epoch (seeded by
-    ``seed`` and the epoch). Micro-batch ``g`` of data-parallel rank ``r`` takes stream items
+    Samples (windows, or documents) are drawn from a stream that is a fresh permutation every epoch
+    (seeded by ``seed`` and the epoch). Micro-batch ``g`` of data-parallel rank ``r`` takes stream items
     ``[(g*dp + r)*B, (g*dp + r + 1)*B)``, so ranks never share a sample and the position is a
     single integer.
     """
 
     def __init__(self, shards: TokenShards, seq_len: int, micro_batch: int, *, seed: int = 0,
                  dp_rank: int = 0, dp_size: int = 1, mode: str = "packed"):
-        if mode not in ("packed", "document"):
-            raise UserError(f"unknown sampling mode '{mode}' (expected packed or document)")
+        if mode not in SAMPLING_MODES:
+            raise UserError(f"unknown sampling mode '{mode}' (expected {', '.join(SAMPLING_MODES)})")
         self.shards, self.seq_len, self.micro_batch = shards, seq_len, micro_batch
         self.seed, self.dp_rank, self.dp_size, self.mode = seed, dp_rank, dp_size, mode
         self.pad_id = shards.meta.special_ids.get("pad")
-        if mode == "document" and self.pad_id is None:
-            raise UserError(f"document sampling needs a pad id in the special_ids of {META_NAME}")
+        if mode != "packed" and self.pad_id is None:
+            raise UserError(f"data.sampling={mode} needs a pad id in the special_ids of {META_NAME}")
         if mode == "packed":
             per_shard = np.array([t.size // seq_len for t in shards.tokens], dtype=np.int64)
             if per_shard.sum() == 0:
                 raise UserError(f"split '{shards.split}' has fewer tokens than one window of {seq_len}")
-        else:
+        elif mode == "document":
             per_shard = np.array([o.size - 1 for o in shards.offsets], dtype=np.int64)
+        else:
+            per_shard = self._pack()
         self._first = np.concatenate([[0], np.cumsum(per_shard)])
         self.num_samples = int(self._first[-1])
         self._perms: dict[int, np.ndarray] = {}
+
+    def _pack(self) -> np.ndarray:
+        """Pack the split's documents (packed_documents); returns [number of windows] as the one 'shard'."""
+        starts = np.concatenate([o[:-1] for o in self.shards.offsets])
+        lengths = np.concatenate([np.diff(o) for o in self.shards.offsets])
+        shard = np.repeat(np.arange(len(self.shards.offsets)), [o.size - 1 for o in self.shards.offsets])
+        too_long = lengths > self.seq_len
+        if too_long.any():
+            raise UserError(f"data.sampling=packed_documents: {int(too_long.sum()):,} of {lengths.size:,} documents "
+                            f"in split '{self.shards.split}' are longer than train.seq_len={self.seq_len} (longest "
+                            f"{int(lengths.max())} tokens); raise train.seq_len or use data.sampling=packed")
+        order, self._bounds = pack_documents(lengths, self.seq_len, np.random.default_rng([self.seed, 0x9AC4]))
+        self._doc_shard, self._doc_start, self._doc_len = shard[order], starts[order], lengths[order]
+        self._doc_index = order  # the document's number in the split: its doc id
+        # Each document's column in its window.
+        ends = np.cumsum(self._doc_len)
+        window_of = np.repeat(np.arange(self._bounds.size - 1), np.diff(self._bounds))
+        window_start = np.r_[0, ends][self._bounds[:-1]]
+        self._doc_col = ends - self._doc_len - window_start[window_of]
+        return np.array([self._bounds.size - 1], dtype=np.int64)
+
+    @property
+    def fill(self) -> float:
+        """Share of the window positions that hold tokens (not padding), over the whole split."""
+        if self.mode == "packed":
+            return 1.0
+        if self.mode == "document":
+            lengths = np.concatenate([np.minimum(np.diff(o), self.seq_len) for o in self.shards.offsets])
+            return float(lengths.sum() / (lengths.size * self.seq_len))
+        return float(self._doc_len.sum() / (self.num_samples * self.seq_len))
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
@@ -409,6 +497,8 @@ class WindowSampler:
     def batch(self, micro_index: int) -> Batch:
         """The micro-batch number ``micro_index`` (counted from 0 over the whole run) of this rank."""
         ids = self.sample_ids(micro_index)
+        if self.mode == "packed_documents":
+            return self._packed_documents_batch(ids)
         T = self.seq_len
         tokens = np.empty((ids.size, T), dtype=np.int64)
         doc_ids = np.empty((ids.size, T), dtype=np.int64)
@@ -430,4 +520,25 @@ class WindowSampler:
                 doc_ids[rows] = local[:, None]
         import torch
 
+        return Batch(torch.from_numpy(tokens), torch.from_numpy(doc_ids))
+
+    def _packed_documents_batch(self, windows: np.ndarray) -> Batch:
+        import torch
+
+        T = self.seq_len
+        tokens = np.full((windows.size, T), self.pad_id, dtype=np.int64)
+        doc_ids = np.full((windows.size, T), -1, dtype=np.int64)
+        counts = self._bounds[windows + 1] - self._bounds[windows]
+        docs = np.repeat(self._bounds[windows], counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+        rows = np.repeat(np.arange(windows.size), counts)
+        lengths = self._doc_len[docs]
+        # One entry per token of the batch: its document (in packing order), row and column.
+        token_doc = np.repeat(docs, lengths)
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        token_row = np.repeat(rows, lengths)
+        token_col = self._doc_col[token_doc] + within
+        for s in np.unique(self._doc_shard[docs]):
+            sel = self._doc_shard[token_doc] == s
+            tokens[token_row[sel], token_col[sel]] = self.shards.tokens[s][self._doc_start[token_doc[sel]] + within[sel]]
+        doc_ids[token_row, token_col] = self._doc_index[token_doc]
         return Batch(torch.from_numpy(tokens), torch.from_numpy(doc_ids))

@@ -19,7 +19,7 @@ EVAL_PAIRS = 1000
 
 
 def demo_overrides(world_dir: Path, K: int, lam_l: float, lam_s: float, steps: int, seed: int) -> list[str]:
-    return [f"data.path={world_dir}", "data.sampling=document", "model.preset=paper-graph", f"model.mtp_k={K}",
+    return [f"data.path={world_dir}", "data.sampling=packed_documents", "model.preset=paper-graph", f"model.mtp_k={K}",
             f"objective.lambda_latent={lam_l}", f"objective.lambda_semantic={lam_s}", "train.seq_len=24",
             "train.micro_batch=64", f"train.max_steps={steps}", "train.lr=2e-3", "train.weight_decay=0.1",
             f"train.seed={seed}", f"train.log_every={max(1, steps // 5)}"]

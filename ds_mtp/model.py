@@ -6,6 +6,12 @@ the post-norm trunk state h_t; head k ≥ 2 produces ĥ_{t,k}, decoded by the sa
   block       ĥ_{t,k} = norm(Block_k(z_t))               (Gloeckle et al. 2024; z = pre-norm trunk)
   sequential  s_k = Block_k(P_k [rms(s_{k−1}); rms(E x_{t+k−1})]), ĥ_{t,k} = norm(s_k), s_1 = z
                                                          (DeepSeek-V3 MTP modules)
+Packed windows (ds_mtp.data) hold several documents per row. With model.attention = "document" and the
+batch's doc_ids, a token attends only to earlier tokens of its own document and positions restart at
+each document's start (block-diagonal causal attention, as Llama 3 packs): a document's states are
+exactly those it gets alone in a row. An ``AttentionLayout`` carries the mask and positions of one
+batch; it is built once per forward and shared by every block and head.
+
 With latent targets of another width D (a teacher's states, model.latent_width), the heads also own a
 learned projection P: d → D that maps ĥ_{t,k} into the teacher's space for the latent term only.
 """
@@ -47,9 +53,94 @@ def rope_tables(head_dim: int, max_len: int, base: float = 10000.0) -> tuple[tor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, hd]; cos/sin [T, hd/2]. Rotates feature pairs (x_i, x_{i+hd/2})."""
+    """x [B, H, T, hd]; cos/sin [T, hd/2] or [B, 1, T, hd/2]. Rotates feature pairs (x_i, x_{i+hd/2})."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] position of each token within its document: 0 at a document's first token of the row.
+    Documents are contiguous runs of equal doc_ids."""
+    B, T = doc_ids.shape
+    steps = torch.arange(T, device=doc_ids.device).expand(B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return steps - torch.where(starts, steps, 0).cummax(dim=1).values
+
+
+def flex_attention_available(device: torch.device) -> bool:
+    """FlexAttention (block-sparse: it skips the blocks the document mask removes) on CUDA with torch >= 2.5.
+    On CPU it has no backward, so CPU training uses SDPA with a boolean mask (faster there than is_causal)."""
+    if device.type != "cuda":
+        return False
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class AttentionLayout:
+    """Which keys each query sees, and the positions, for one batch.
+
+    ``AttentionLayout.causal()``: plain causal attention, positions 0..T-1 (one document per row, as in
+    generation and evaluation). ``AttentionLayout.documents(doc_ids)``: block-diagonal causal attention
+    within each run of equal doc_ids, positions restarting at each run's start. ``mask`` is a [B, 1, T, T]
+    bool (True = attend) for SDPA, or a FlexAttention BlockMask where flex is used.
+    """
+
+    def __init__(self, positions: torch.Tensor | None = None, mask=None):
+        self.positions = positions  # [B, T] int64, or None = 0..T-1
+        self.mask = mask
+
+    @classmethod
+    def causal(cls) -> "AttentionLayout":
+        return cls()
+
+    @classmethod
+    def documents(cls, doc_ids: torch.Tensor, use_flex: bool | None = None) -> "AttentionLayout":
+        B, T = doc_ids.shape
+        use_flex = flex_attention_available(doc_ids.device) if use_flex is None else use_flex
+        if use_flex:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def same_document_causal(b, h, q, k):
+                return (doc_ids[b, q] == doc_ids[b, k]) & (q >= k)
+
+            mask = create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)
+        else:
+            causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+            mask = (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal  # [B, 1, T, T]
+        return cls(document_positions(doc_ids), mask)
+
+    @property
+    def flex(self) -> bool:
+        return self.mask is not None and not isinstance(self.mask, torch.Tensor)
+
+    def position_ids(self, T: int, device) -> torch.Tensor:
+        """[B, T] or [T] positions."""
+        return torch.arange(T, device=device) if self.positions is None else self.positions
+
+
+def attention_layout(cfg: ModelConfig, doc_ids: torch.Tensor | None) -> AttentionLayout:
+    """A batch's attention: within documents when model.attention is "document" and doc_ids are given, else
+    plain causal over the row."""
+    if doc_ids is None or cfg.attention != "document":
+        return AttentionLayout.causal()
+    # FlexAttention has no dropout: with dropout the masked SDPA path is used on every device.
+    return AttentionLayout.documents(doc_ids, use_flex=flex_attention_available(doc_ids.device) and cfg.dropout == 0)
+
+
+_compiled_flex = None
+
+
+def flex_attention(q, k, v, block_mask):
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+
+        _compiled_flex = torch.compile(flex, dynamic=False)  # uncompiled flex falls back to dense math
+    return _compiled_flex(q, k, v, block_mask=block_mask)
 
 
 class CausalSelfAttention(nn.Module):
@@ -66,13 +157,20 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("cos", cos, persistent=False)
             self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x):
+    def forward(self, x, layout: AttentionLayout):
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 × [B, H, T, hd]
         if self.rope:
-            q, k = apply_rope(q, self.cos[:T], self.sin[:T]), apply_rope(k, self.cos[:T], self.sin[:T])
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)  # [B, H, T, hd]
+            if layout.positions is None:
+                cos, sin = self.cos[:T], self.sin[:T]  # [T, hd/2]
+            else:
+                cos, sin = self.cos[layout.positions][:, None], self.sin[layout.positions][:, None]  # [B, 1, T, hd/2]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if layout.flex:
+            y = flex_attention(q, k, v, layout.mask)  # [B, H, T, hd]; the model uses flex only without dropout
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, is_causal=layout.mask is None,
+                                               dropout_p=self.dropout if self.training else 0.0)  # [B, H, T, hd]
         return self.proj(y.transpose(1, 2).reshape(B, T, d))
 
 
@@ -101,8 +199,8 @@ class Block(nn.Module):
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):
-        x = x + self.drop(self.attn(self.norm1(x)))
+    def forward(self, x, layout: AttentionLayout):
+        x = x + self.drop(self.attn(self.norm1(x), layout))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -119,10 +217,10 @@ class TokenEmbedding(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.wte.weight
 
-    def forward(self, tokens):
+    def forward(self, tokens, layout: AttentionLayout):
         x = self.wte(tokens)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(tokens.shape[1], device=tokens.device))
+            x = x + self.wpe(layout.position_ids(tokens.shape[1], tokens.device))
         return self.drop(x)
 
 
@@ -135,8 +233,9 @@ class SequentialDepth(nn.Module):
         self.combine = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
         self.block = Block(cfg)
 
-    def forward(self, state, next_embed):
-        return self.block(self.combine(torch.cat([self.norm_state(state), self.norm_embed(next_embed)], dim=-1)))
+    def forward(self, state, next_embed, layout: AttentionLayout):
+        return self.block(self.combine(torch.cat([self.norm_state(state), self.norm_embed(next_embed)], dim=-1)),
+                          layout)
 
 
 def latent_projection_width(cfg: ModelConfig) -> int | None:
@@ -165,19 +264,19 @@ class OutputHeads(nn.Module):
         width = latent_projection_width(cfg)
         self.latent_projection = None if width is None else nn.Linear(cfg.d_model, width, bias=False)
 
-    def forward(self, z, tokens=None, embed_weight=None):
+    def forward(self, z, layout: AttentionLayout, tokens=None, embed_weight=None):
         h = self.norm(z)
         if not self.extra:
             return h, None
         if self.head_type == "linear":
             preds = [w(h) for w in self.transitions]
         elif self.head_type == "block":
-            preds = [self.norm(block(z)) for block in self.blocks]
+            preds = [self.norm(block(z, layout)) for block in self.blocks]
         else:
             preds, state = [], z
             for k, depth in enumerate(self.depths, start=2):
                 shifted = F.pad(tokens[:, k - 1:], (0, k - 1))  # x_{t+k-1}; the tail is never a valid target
-                state = depth(state, F.embedding(shifted, embed_weight))
+                state = depth(state, F.embedding(shifted, embed_weight), layout)
                 preds.append(self.norm(state))
         return h, torch.stack(preds, dim=1)
 
@@ -227,17 +326,20 @@ class MTPModel(nn.Module):
             params.append(self.heads.unembed.weight)
         return params
 
-    def states(self, tokens):
-        """tokens [B, T] → (h [B, T, d], ĥ [B, K−1, T, d] or None)."""
-        x = self.embed(tokens)
+    def states(self, tokens, doc_ids=None):
+        """tokens [B, T], doc_ids [B, T] or None → (h [B, T, d], ĥ [B, K−1, T, d] or None)."""
+        layout = attention_layout(self.cfg, doc_ids)
+        x = self.embed(tokens, layout)
         for block in self.blocks:
-            x = block(x)
-        return self.heads(x, tokens, self.embed.weight)
+            x = block(x, layout)
+        return self.heads(x, layout, tokens, self.embed.weight)
 
     def forward(self, tokens, doc_ids=None, latent_targets=None, latent_mask=None):
-        """latent_targets [B, K−1, T, D] / latent_mask [B, T]: a teacher's anchors (ds_mtp.teacher); D is
-        model.latent_width when set (ĥ is then projected by heads.latent_projection for the latent term), else d."""
-        h, head_hidden = self.states(tokens)
+        """tokens / doc_ids [B, T] (doc_ids: which document each position belongs to; they bound the
+        targets, and the attention with model.attention = "document"). latent_targets [B, K−1, T, D] /
+        latent_mask [B, T]: a teacher's anchors (ds_mtp.teacher); D is model.latent_width when set (ĥ is
+        then projected by heads.latent_projection for the latent term), else d."""
+        h, head_hidden = self.states(tokens, doc_ids)
         latent_pred = None
         if latent_targets is not None and head_hidden is not None and self.heads.latent_projection is not None:
             # Called here as a module (not through its weight) so that ZeRO-3 gathers P for this forward.
@@ -250,19 +352,19 @@ class MTPModel(nn.Module):
                             latent_targets=latent_targets, latent_mask=latent_mask, latent_pred=latent_pred)
 
     @torch.no_grad()
-    def hidden(self, tokens):
+    def hidden(self, tokens, doc_ids=None):
         """Final post-norm trunk states h [B, T, d]."""
-        return self.states(tokens)[0]
+        return self.states(tokens, doc_ids)[0]
 
     @torch.no_grad()
-    def logits(self, tokens):
+    def logits(self, tokens, doc_ids=None):
         """Next-token logits [B, T, V] (head 1)."""
-        return self.states(tokens)[0] @ self.unembed_weight.t()
+        return self.states(tokens, doc_ids)[0] @ self.unembed_weight.t()
 
     @torch.no_grad()
-    def head_logits(self, tokens):
+    def head_logits(self, tokens, doc_ids=None):
         """Logits of every head [B, K, T, V]: head k at position t scores token t+k."""
-        h, head_hidden = self.states(tokens)
+        h, head_hidden = self.states(tokens, doc_ids)
         all_states = h[:, None] if head_hidden is None else torch.cat([h[:, None], head_hidden], dim=1)
         return all_states @ self.unembed_weight.t()
 

@@ -3,15 +3,17 @@
 The layer list is MTPModel.layers() (embedding, blocks, output heads) with the tied embedding
 repeated on the last stage, because the unembedding and the semantic anchor E[x_{t+k}] both read it:
 
-    0        EmbeddingPipe  TiedLayerSpec("embed")       tokens [B,T] → (x [B,T,d], tokens)
-    1..L     BlockPipe      LayerSpec                     (x, tokens) → (x, tokens)
+    0        EmbeddingPipe  TiedLayerSpec("embed")       (tokens, doc_ids) [B,T] → (x [B,T,d], tokens, doc_ids)
+    1..L     BlockPipe      LayerSpec                     (x, tokens, doc_ids) → (x, tokens, doc_ids)
     L+1      EmbeddingPipe  TiedLayerSpec("embed", forward_fn=append_embedding)
-                                                          (z, tokens) → (z, tokens, E)
-    L+2      HeadsPipe      LayerSpec                     (z, tokens, E) → (h, [ĥ, [Pĥ,]] U, E)
+                                                          (z, tokens, doc_ids) → (z, tokens, doc_ids, E)
+    L+2      HeadsPipe      LayerSpec                     (z, tokens, doc_ids, E) → (h, [ĥ, [Pĥ,]] U, E)
     loss     PipelineLoss   (outputs, labels=(tokens, doc_ids[, targets[, mask]])) → ds_mtp.objective.lse_mtp_loss
 
 The tokens ride along the activations because the sequential heads embed x_{t+k-1} on the last
-stage; the labels (tokens and document ids) reach the loss through DeepSpeed's label path, and so do
+stage, and the document ids because every block's attention (and the embedding's positions) stays
+inside a document of a packed window (model.attention = "document"); each stage builds the batch's
+AttentionLayout once and its blocks share it. The labels (tokens and document ids) reach the loss through DeepSpeed's label path, and so do
 a teacher's latent targets (ds_mtp.teacher): only the last stage reads labels, so only it asks a
 teacher. Pĥ is ĥ through the heads' projection to a teacher of another width. DeepSpeed
 all-reduces the tied embedding's gradient between the first and the last stage, so both copies take
@@ -30,9 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ds_mtp.config import RunConfig
+from ds_mtp.config import ModelConfig, RunConfig
 from ds_mtp.errors import UserError
-from ds_mtp.model import MTPModel
+from ds_mtp.model import AttentionLayout, MTPModel, attention_layout
 from ds_mtp.objective import lse_mtp_loss
 
 
@@ -45,6 +47,7 @@ class LayerSource:
 
     def __init__(self, model: MTPModel):
         self.model = model
+        self.stage_layout = StageLayout(model.cfg)  # shared by this stage's layers
 
     def layer(self, name: str, index: int = 0) -> nn.Module:
         if self.model is None:
@@ -55,46 +58,65 @@ class LayerSource:
         self.model = None
 
 
+class StageLayout:
+    """The AttentionLayout of the micro-batch a stage is processing, built once from its doc_ids and shared
+    by the stage's layers (they see the same doc_ids tensor object, which rides along the activations)."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self._doc_ids: torch.Tensor | None = None
+        self._layout: AttentionLayout | None = None
+
+    def __call__(self, doc_ids: torch.Tensor) -> AttentionLayout:
+        if doc_ids is not self._doc_ids:
+            self._doc_ids, self._layout = doc_ids, attention_layout(self.cfg, doc_ids)
+        return self._layout
+
+
 class EmbeddingPipe(nn.Module):
-    """tokens [B, T] → (x [B, T, d], tokens). The tied module of both the first and the last stage."""
+    """(tokens, doc_ids) [B, T] → (x [B, T, d], tokens, doc_ids). The tied module of the first and last stage."""
 
     def __init__(self, source: LayerSource):
         super().__init__()
         self.embed = source.layer("embed")
+        self.layout = source.stage_layout
 
-    def forward(self, tokens):
-        return self.embed(tokens), tokens
+    def forward(self, inputs):
+        tokens, doc_ids = inputs
+        return self.embed(tokens, self.layout(doc_ids)), tokens, doc_ids
 
 
 def append_embedding(module: EmbeddingPipe, inputs):
-    """Last stage's use of the tied embedding: (z, tokens) → (z, tokens, E [V, d])."""
-    z, tokens = inputs
-    return z, tokens, module.embed.weight
+    """Last stage's use of the tied embedding: (z, tokens, doc_ids) → (z, tokens, doc_ids, E [V, d])."""
+    z, tokens, doc_ids = inputs
+    return z, tokens, doc_ids, module.embed.weight
 
 
 class BlockPipe(nn.Module):
-    """(x [B, T, d], tokens) → (block(x), tokens)."""
+    """(x [B, T, d], tokens, doc_ids) → (block(x), tokens, doc_ids)."""
 
     def __init__(self, source: LayerSource, index: int):
         super().__init__()
         self.block = source.layer("block", index)
+        self.layout = source.stage_layout
 
     def forward(self, inputs):
-        x, tokens = inputs
-        return self.block(x), tokens
+        x, tokens, doc_ids = inputs
+        return self.block(x, self.layout(doc_ids)), tokens, doc_ids
 
 
 class HeadsPipe(nn.Module):
-    """(z, tokens, E) → (h [B, T, d], ĥ [B, K−1, T, d] when K > 1, Pĥ [B, K−1, T, D] when the heads
+    """(z, tokens, doc_ids, E) → (h [B, T, d], ĥ [B, K−1, T, d] when K > 1, Pĥ [B, K−1, T, D] when the heads
     project to a teacher of width D, unembedding U [V, d], E)."""
 
     def __init__(self, source: LayerSource):
         super().__init__()
         self.heads = source.layer("heads")
+        self.layout = source.stage_layout
 
     def forward(self, inputs):
-        z, tokens, embed_weight = inputs
-        h, head_hidden = self.heads(z, tokens, embed_weight)
+        z, tokens, doc_ids, embed_weight = inputs
+        h, head_hidden = self.heads(z, self.layout(doc_ids), tokens, embed_weight)
         unembed = embed_weight if self.heads.unembed is None else self.heads.unembed.weight
         if head_hidden is None:
             return h, unembed, embed_weight
@@ -256,9 +278,9 @@ def micro_batches(sampler, step: int, grad_accum: int, device, feed=None):
         tokens, doc_ids = batch.tokens.to(device), batch.doc_ids.to(device)
         labels = (tokens, doc_ids)
         if feed is not None:
-            targets, mask = feed.targets(index, batch.tokens)
+            targets, mask = feed.targets(index, batch.tokens, batch.doc_ids)
             labels += (targets,) if mask is None else (targets, mask)
-        yield tokens, labels
+        yield (tokens, doc_ids), labels
 
 
 def train_step(engine, loss_fn: PipelineLoss, sampler, step: int, grad_accum: int, n_terms: int,

@@ -71,7 +71,8 @@ class Scale:
     eval_scale: str | dict
     """The evaluation budget passed to the metric suite ("default", "quick" or a dict)."""
     global_batch: int
-    """Sequences per optimizer step over all ranks (micro_batch = global_batch / nproc)."""
+    """Windows per optimizer step over all ranks (micro_batch = global_batch / nproc); each window of the world's
+    longest path length holds whole paths packed together (data.sampling=packed_documents)."""
     nproc: int
     """Ranks per training run when --nproc is not given (0 = one per GPU, at least 1)."""
     manhattan_pairs: int = 20_000
@@ -91,7 +92,7 @@ SCALES = {
                  # the papers' trial counts, except Vafa et al.'s compression / distinction trials (the slow ones)
                  eval_scale={"compression_trials": 20, "distinction_trials": 40}, global_batch=64, nproc=1,
                  manhattan_pairs=20_000,
-                 description="the paper's model (6L/6H/d=120), 500 steps of 64 sequences, lr 2e-3 cosine, fp32; "
+                 description="the paper's model (6L/6H/d=120), 500 steps of 64 windows of whole paths, lr 2e-3 cosine, fp32; "
                              "evaluation at the papers' sizes except 20 compression and 40 distinction trials"),
     # The paper's set-up (Zhong et al., appendix): batch 1024, 20k steps, lr 5e-4 -> 5e-5 cosine after 1k warm-up,
     # AdamW(0.9, 0.95), weight decay 0.1, clip 1.0, bf16 on GPU.
@@ -376,7 +377,7 @@ def run_overrides(scale: Scale, method: Method, k: int, seed: int, world_dir: Pa
                   user: list[str]) -> list[str]:
     """The `ds-mtp train` overrides of one run: scale, data, batch, method, seed, then the user's."""
     micro = max(1, scale.global_batch // nproc)
-    return [*scale.train, f"data.path={world_dir}", "data.sampling=document", f"train.seq_len={seq_len}",
+    return [*scale.train, f"data.path={world_dir}", "data.sampling=packed_documents", f"train.seq_len={seq_len}",
             f"model.max_seq_len={max(64, 2 * seq_len)}", f"train.micro_batch={micro}", *method.overrides(k),
             f"train.seed={seed}", *user]
 

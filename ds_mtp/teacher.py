@@ -74,7 +74,8 @@ def head_targets(states: torch.Tensor, k_heads: int, shifted: bool) -> torch.Ten
 
 
 class Teacher:
-    """One latent-target source. ``states(tokens [B, T]) -> [B, T, D]`` (float32, no gradient), D = ``width``."""
+    """One latent-target source. ``states(tokens [B, T], doc_ids [B, T] or None) -> [B, T, D]`` (float32, no
+    gradient), D = ``width``. doc_ids mark the documents of a packed window: no state reads another document."""
 
     shifted: bool = True
     """True: states are a trajectory (head k at t uses states[t+k−1]); False: states[t] serves every head."""
@@ -88,7 +89,7 @@ class Teacher:
         return None
 
     @torch.no_grad()
-    def states(self, tokens: torch.Tensor) -> torch.Tensor:
+    def states(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     @classmethod
@@ -141,11 +142,14 @@ class CheckpointTeacher(Teacher):
         return int(json.loads((Path(where) / "config.json").read_text())["model"]["d_model"])
 
     @torch.no_grad()
-    def states(self, tokens):
+    def states(self, tokens, doc_ids=None):
+        from ds_mtp.model import attention_layout
+
         m = self.model
-        x = m.embed(tokens)  # [B, T, D]
+        layout = attention_layout(m.cfg, doc_ids)
+        x = m.embed(tokens, layout)  # [B, T, D]
         for block in m.blocks[: self.layer]:
-            x = block(x)
+            x = block(x, layout)
         return m.heads.norm(x).float()  # [B, T, D]
 
 
@@ -225,15 +229,20 @@ class SentenceTeacher(Teacher):
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(f"teacher sentence encoder {path} cannot be loaded ({first[:200]})") from None
 
-    def window_text(self, row: list[int], t: int) -> str:
-        return " ".join(self.vocab[i] for i in row[t + 1: t + 1 + self.k_heads] if i not in self.skip)
+    def window_text(self, row: list[int], t: int, docs: list[int] | None = None) -> str:
+        """The future window x_{t+1..t+K} as text, cut at the end of position t's document."""
+        end = t + 1 + self.k_heads
+        if docs is not None:
+            end = next((u for u in range(t + 1, min(end, len(row))) if docs[u] != docs[t]), end)
+        return " ".join(self.vocab[i] for i in row[t + 1: end] if i not in self.skip)
 
     @torch.no_grad()
-    def states(self, tokens):
+    def states(self, tokens, doc_ids=None):
         B, T = tokens.shape
         rows = tokens.tolist()
+        docs = doc_ids.tolist() if doc_ids is not None else [None] * B
         positions = [(b, t) for b in range(B) for t in range(0, T, self.stride)]
-        texts = [self.window_text(rows[b], t) for b, t in positions]
+        texts = [self.window_text(rows[b], t, docs[b]) for b, t in positions]
         unique = sorted(set(texts))  # windows repeat a lot in path data: embed each text once
         emb = self.encoder.encode(unique, convert_to_tensor=True, normalize_embeddings=True,
                                   batch_size=256, show_progress_bar=False).float().to(self.device)  # [U, D]
@@ -308,9 +317,11 @@ class LocalFeed:
     def start(self, first_micro: int, end_micro: int) -> None:
         pass
 
-    def targets(self, micro: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def targets(self, micro: int, tokens: torch.Tensor,
+                doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         started = time.perf_counter()
-        states = self.teacher.states(tokens.to(self.teacher.device)).to(self.device)
+        doc_ids = None if doc_ids is None else doc_ids.to(self.teacher.device)
+        states = self.teacher.states(tokens.to(self.teacher.device), doc_ids).to(self.device)
         self.wait_s += time.perf_counter() - started
         return head_targets(states, self.cfg.model.mtp_k, self.teacher.shifted), self.mask
 
@@ -514,7 +525,8 @@ class RemoteFeed:
             self._request(self.next_request)
             self.next_request += 1
 
-    def targets(self, micro: int, tokens=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def targets(self, micro: int, tokens=None, doc_ids=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The targets of micro-batch ``micro``; the teacher rank draws its tokens and doc_ids from its own sampler."""
         started = time.perf_counter()
         # Until the first targets arrive the teacher may still be loading its model.
         timeout, setting = (self.timeout, "teacher.timeout") if self.received else \
@@ -566,8 +578,9 @@ def serve(cfg: RunConfig, layout: Layout, group) -> int:
                 if micro == _STOP:
                     active.remove(trainer)
                     continue
-                tokens = samplers[trainer].batch(micro).tokens.to(device)
-                states = teacher.states(tokens).to(transport).cpu().contiguous()  # [B, T, D]
+                batch = samplers[trainer].batch(micro)
+                states = teacher.states(batch.tokens.to(device), batch.doc_ids.to(device))
+                states = states.to(transport).cpu().contiguous()  # [B, T, D]
                 sent.append((group.send([states], trainer, _TARGET_TAG), states))
                 served += 1
                 while len(sent) > cfg.teacher.prefetch:

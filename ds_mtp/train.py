@@ -48,6 +48,9 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool) -> RunConfig:
 
     cfg = resolve_data(cfg)
     meta = read_meta(cfg.data.path)
+    # The sampler checks the windows fit the data (e.g. packed_documents: every document fits a window).
+    WindowSampler(TokenShards(cfg.data.path, cfg.data.split), cfg.train.seq_len, cfg.train.micro_batch,
+                  seed=cfg.train.seed, mode=cfg.data.sampling)
     check_teacher(cfg, meta)
     fill_latent_width(cfg, meta)  # the model's projection to the teacher's width, if any
     run_dir = Path(run_dir)
@@ -206,7 +209,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
             for micro in range(t.grad_accum):
                 micro_index = step * t.grad_accum + micro
                 batch = sampler.batch(micro_index)
-                latent = feed.targets(micro_index, batch.tokens) if feed is not None else (None, None)
+                latent = feed.targets(micro_index, batch.tokens, batch.doc_ids) if feed is not None else (None, None)
                 out = engine(batch.tokens.to(device), batch.doc_ids.to(device), *latent)
                 engine.backward(out["loss"])
                 engine.step()

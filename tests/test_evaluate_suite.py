@@ -119,9 +119,9 @@ def test_exported_model_runs_every_metric_within_its_context(world, world_dir, t
     longest = []
     original = exported.states
 
-    def spy(tokens):
+    def spy(tokens, doc_ids=None):
         longest.append(tokens.shape[1])
-        return original(tokens)
+        return original(tokens, doc_ids)
 
     exported.states = spy
     results = evaluate_all(exported, world_dir, "quick", seed=0)

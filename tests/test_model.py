@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ds_mtp.config import PRESETS, ModelConfig, ObjectiveConfig
-from ds_mtp.model import MTPModel, count_parameters, load_exported, save_exported
+from ds_mtp.model import AttentionLayout, MTPModel, count_parameters, load_exported, save_exported
 
 
 def tiny(**kw) -> ModelConfig:
@@ -55,11 +55,16 @@ def test_layers_are_the_model_in_order():
     model = MTPModel(tiny())
     layers = model.layers()
     assert layers[0] is model.embed and layers[-1] is model.heads and len(layers) == 2 + model.cfg.n_layer
-    x = torch.randint(0, 32, (2, 10))
-    for layer in layers[:-1]:
-        x = layer(x)
-    h, head_hidden = layers[-1](x)
-    torch.testing.assert_close(h, model.hidden(torch.randint(0, 32, (2, 10))) * 0 + h)
+    tokens = torch.randint(0, 32, (2, 10))
+    layout = AttentionLayout.causal()
+    x = tokens
+    with torch.no_grad():
+        for layer in layers[:-1]:
+            x = layer(x, layout)
+        h, head_hidden = layers[-1](x, layout, tokens, model.embed.weight)
+    expected_h, expected_heads = model.states(tokens)
+    torch.testing.assert_close(h, expected_h)
+    torch.testing.assert_close(head_hidden, expected_heads)
     assert head_hidden.shape == (2, 2, 10, 32)
 
 

@@ -22,11 +22,11 @@ def _config(token_data, overrides):
     return resolve_data(load_config(None, [f"data.path={token_data}", *TINY, *overrides]))
 
 
-def _run_layers(specs, tokens):
+def _run_layers(specs, inputs):
     """What PipelineModule does across its stages, in one process: tied specs share one module."""
     from deepspeed.pipe import TiedLayerSpec
 
-    tied, x = {}, tokens
+    tied, x = {}, inputs
     for spec in specs:
         if isinstance(spec, TiedLayerSpec):
             module = tied.setdefault(spec.key, spec.build())
@@ -51,7 +51,7 @@ def test_pipeline_layers_compute_the_models_loss_and_gradients(token_data, head_
     model.zero_grad()
 
     loss_fn = PipelineLoss(cfg, pad_id)
-    outputs, _ = _run_layers(layer_specs(LayerSource(model), cfg.model.n_layer), batch.tokens)
+    outputs, _ = _run_layers(layer_specs(LayerSource(model), cfg.model.n_layer), (batch.tokens, batch.doc_ids))
     loss = loss_fn(outputs, (batch.tokens, batch.doc_ids))
     loss.backward()
     terms = [reference["loss"], *reference["ce"], *reference["latent"], *reference["semantic"], *reference["acc"]]
@@ -82,7 +82,7 @@ def test_pipeline_layers_with_a_teachers_targets_compute_the_models_loss_and_gra
     assert (latent_width == 0) == ("heads.latent_projection.weight" not in expected_grads)
 
     loss_fn = PipelineLoss(cfg, pad_id)
-    outputs, _ = _run_layers(layer_specs(LayerSource(model), cfg.model.n_layer), batch.tokens)
+    outputs, _ = _run_layers(layer_specs(LayerSource(model), cfg.model.n_layer), (batch.tokens, batch.doc_ids))
     labels = (batch.tokens, batch.doc_ids, targets) + ((mask,) if masked else ())
     loss_fn(outputs, labels).backward()
     terms = [reference["loss"], *reference["ce"], *reference["latent"], *reference["semantic"], *reference["acc"]]
@@ -161,13 +161,15 @@ def reference_run(cfg, token_data, steps, teacher=None):
     model = MTPModel(cfg.model, cfg.objective, pad_id)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    sampler = WindowSampler(TokenShards(token_data, "train"), t.seq_len, t.micro_batch, seed=t.seed)
+    sampler = WindowSampler(TokenShards(token_data, "train"), t.seq_len, t.micro_batch, seed=t.seed,
+                            mode=cfg.data.sampling)
     K, rows = cfg.model.mtp_k, []
     for step in range(steps):
         sums = torch.zeros(1 + 3 * K, dtype=torch.float64)
         for micro in range(t.grad_accum):
             batch = sampler.batch(step * t.grad_accum + micro)
-            targets = None if teacher is None else head_targets(teacher.hidden(batch.tokens), K, shifted=True)
+            targets = None if teacher is None else head_targets(teacher.hidden(batch.tokens, batch.doc_ids), K,
+                                                                           shifted=True)
             out = model(batch.tokens, batch.doc_ids, targets)
             (out["loss"] / t.grad_accum).backward()
             terms = torch.stack([out["loss"], *out["ce"], *out["latent"], *out["semantic"]]).detach().double()

@@ -14,7 +14,7 @@ from ds_mtp.config import ModelConfig, load_config
 from ds_mtp.data import TokenShards, WindowSampler, read_meta, write_documents
 from ds_mtp.engine import free_port
 from ds_mtp.errors import UserError
-from ds_mtp.model import MTPModel, load_exported, save_exported
+from ds_mtp.model import AttentionLayout, MTPModel, load_exported, save_exported
 from ds_mtp.monitor import read_metrics
 from ds_mtp.objective import lse_mtp_loss
 from ds_mtp.teacher import CheckpointTeacher, Layout, LocalFeed, RemoteFeed, fill_latent_width, head_targets
@@ -32,10 +32,15 @@ def test_checkpoint_teacher_states_are_the_models_hidden_states(token_data, teac
     frozen = load_exported(teacher_dir)
     teacher = CheckpointTeacher(run_config(token_data, teacher_dir), "cpu")
     assert torch.equal(teacher.states(tokens), frozen.hidden(tokens))
+    # a packed window: each document's states are the model's on that document alone
+    doc_ids = torch.tensor([0] * 10 + [1] * 22).expand(3, 32)
+    packed = teacher.states(tokens, doc_ids)
+    torch.testing.assert_close(packed[:, 10:], frozen.hidden(tokens[:, 10:]), rtol=1e-5, atol=1e-5)
     # an inner layer: block 1's output through the teacher's final norm
     inner = CheckpointTeacher(run_config(token_data, teacher_dir, "teacher.layer=1"), "cpu")
     with torch.no_grad():
-        expected = frozen.heads.norm(frozen.blocks[0](frozen.embed(tokens)))
+        layout = AttentionLayout.causal()
+        expected = frozen.heads.norm(frozen.blocks[0](frozen.embed(tokens, layout), layout))
     assert torch.equal(inner.states(tokens), expected)
     assert not torch.allclose(inner.states(tokens), teacher.states(tokens))
     # a wider student: the targets stay the teacher's own width-32 states; the student gets P: 48 → 32
@@ -236,8 +241,8 @@ def test_local_feed_matches_teacher_on_the_samplers_batches(token_data, teacher_
     sampler = WindowSampler(TokenShards(token_data, "train"), 32, 4, seed=cfg.train.seed)
     feed = LocalFeed(cfg, teacher, "cpu")
     batch = sampler.batch(3)
-    targets, mask = feed.targets(3, batch.tokens)
-    states = load_exported(teacher_dir).hidden(batch.tokens)
+    targets, mask = feed.targets(3, batch.tokens, batch.doc_ids)
+    states = load_exported(teacher_dir).hidden(batch.tokens, batch.doc_ids)
     assert mask is None and targets.shape == (4, 2, 32, 32)
     assert torch.equal(targets[:, 1, :30], states[:, 2:])  # head 3 at t is anchored to g_{t+2}
 
@@ -298,7 +303,8 @@ def test_two_trainers_receive_the_teachers_latents(token_data, teacher_dir, tmp_
         sampler = WindowSampler(shards, 32, 4, seed=7, dp_rank=rank, dp_size=2)
         for micro in range(2, 7):
             received = torch.load(tmp_path / f"rank{rank}_micro{micro}.pt")
-            expected = head_targets(frozen.hidden(sampler.batch(micro).tokens), 3, shifted=True)
+            batch = sampler.batch(micro)
+            expected = head_targets(frozen.hidden(batch.tokens, batch.doc_ids), 3, shifted=True)
             assert torch.equal(received, expected), (rank, micro)
 
 
