@@ -96,6 +96,7 @@ def text_part(args, out: Path) -> list[dict]:
         for attention in times:
             overrides = [f"data.path={args.text}", "data.sampling=packed", f"model.preset={args.text_preset}",
                          f"model.attention={attention}", f"train.seq_len={args.text_seq_len}",
+                         f"model.max_seq_len={args.text_seq_len}",
                          f"train.micro_batch={args.text_micro_batch}", f"train.max_steps={args.text_steps}",
                          "train.log_every=1000", "train.seed=0"]
             rows = train_steps(out / f"t-{attention}-{trial}", overrides, 1)
