@@ -130,6 +130,12 @@ class TrainConfig:
     """Save a DeepSpeed checkpoint every N optimizer steps (0 = only at the end)."""
     log_every: int = 1
     """Print a progress line every N steps (metrics.jsonl gets every step)."""
+    eval_every: int = 0
+    """Evaluate the held-out cross-entropy and top-1 accuracy of every head (data.eval_split) every N optimizer
+    steps and at the last step (0 = never); logged as eval_ce_k / eval_acc_k on that step's metrics row."""
+    eval_batches: int = 20
+    """Micro-batches per data-parallel replica in each evaluation: the first ones of the validation windows in a
+    fixed order (seed 0, whatever train.seed), the same at every evaluation; at most one pass over the split."""
     zero_stage: int = -1
     """ZeRO stage (0-3); -1 = 3 without a pipeline, 1 with one. A pipeline supports only 0 and 1."""
     pipeline_stages: int = 1
@@ -163,6 +169,9 @@ class DataConfig:
     document may continue in the next window); "packed_documents" = whole documents packed into windows (best fit;
     padding only at a window's tail; every document must fit in train.seq_len), for many short documents such as
     graph paths; "document" = one document per row, right-padded."""
+    eval_split: str = ""
+    """Split evaluated with train.eval_every; "" = "val" (ds-mtp prep shard --val-fraction) when the data has
+    it, else "heldout" (a world's held-out paths)."""
 
 
 @dataclass
@@ -344,6 +353,10 @@ def validate(cfg: RunConfig) -> None:
     for name in ("max_steps", "micro_batch", "grad_accum", "seq_len"):
         if getattr(t, name) < 1:
             raise UserError(f"train.{name} must be at least 1 (got {getattr(t, name)})")
+    if t.eval_every < 0:
+        raise UserError(f"train.eval_every must be 0 (never) or a number of steps (got {t.eval_every})")
+    if t.eval_batches < 1:
+        raise UserError(f"train.eval_batches must be at least 1 (got {t.eval_batches})")
     if t.compile not in ("never", "gpu", "always"):
         raise UserError(f"train.compile must be never, gpu or always (got '{t.compile}')")
     if t.precision not in ("auto", "fp32", "bf16"):

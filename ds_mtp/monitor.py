@@ -1,5 +1,6 @@
 """Metrics sinks written by rank 0: RUN_DIR/metrics.jsonl (one JSON object per optimizer step) and
-TensorBoard event files under RUN_DIR/tensorboard."""
+TensorBoard event files under RUN_DIR/tensorboard. Rows of steps with a held-out evaluation
+(train.eval_every, ds_mtp.validation) also carry eval_ce_k / eval_acc_k, tagged eval/ce_k, eval/acc_k."""
 
 from __future__ import annotations
 
@@ -77,7 +78,9 @@ class Monitor:
         self._file.flush()
         step = row["step"]
         for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)):
+            if key.startswith("eval_") and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"eval/{key[len('eval_'):]}", value, step)  # eval/ce_1, eval/acc_1
+            elif key != "step" and isinstance(value, (int, float)):
                 prefix = key.split("_")[0]
                 group = "loss" if key == "loss" or prefix in ("ce", "latent", "semantic") else \
                     "accuracy" if prefix == "acc" else "perf" if key in PERF_KEYS else "train"

@@ -127,7 +127,9 @@ class HeadsPipe(nn.Module):
 
 class PipelineLoss:
     """The LSE-MTP objective on the last stage. Returns the scalar loss DeepSpeed back-propagates and
-    keeps each micro-batch's terms (loss, ce_1..K, latent_2..K, semantic_2..K, acc_1..K) for the metrics."""
+    keeps each micro-batch's terms (loss, ce_1..K, latent_2..K, semantic_2..K, acc_1..K) for the metrics.
+    While ``eval_sums`` is a list (ds_mtp.validation, around engine.eval_batch) a micro-batch's per-head
+    sums go there instead, and the training terms are left alone."""
 
     __name__ = "lse_mtp_loss"
 
@@ -135,6 +137,7 @@ class PipelineLoss:
         self.objective, self.pad_id, self.K = cfg.objective, pad_id, cfg.model.mtp_k
         self.tied = cfg.model.tie_embeddings
         self.terms: list[torch.Tensor] = []
+        self.eval_sums: list[torch.Tensor] | None = None
 
     def __call__(self, outputs, labels):
         h, *head_outputs, unembed, embed = outputs
@@ -149,6 +152,11 @@ class PipelineLoss:
                            head_weights=o.head_weights, distance=o.distance, loss_impl=o.loss_impl,
                            chunk_rows=o.chunk_rows, latent_targets=targets, latent_mask=mask,
                            latent_pred=latent_pred)
+        if self.eval_sums is not None:
+            from ds_mtp.validation import head_sums
+
+            self.eval_sums.append(head_sums(out, tokens, doc_ids, self.pad_id))
+            return out["loss"]
         # Kept on the device: copying each micro-batch's terms to the host would stall the schedule.
         self.terms.append(torch.stack([out["loss"], *out["ce"], *out["latent"], *out["semantic"], *out["acc"]])
                           .detach().float())

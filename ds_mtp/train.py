@@ -39,7 +39,20 @@ def resolve_data(cfg: RunConfig) -> RunConfig:
     if meta.vocab_size > cfg.model.vocab_size:
         raise UserError(f"data in {cfg.data.path} declares vocab_size={meta.vocab_size} > model.vocab_size="
                         f"{cfg.model.vocab_size}")
+    if cfg.train.eval_every or cfg.data.eval_split:
+        from ds_mtp.validation import EVAL_SEED, resolve_eval_split
+
+        cfg.data.eval_split = resolve_eval_split(cfg, meta)
+        window_sampler(cfg, cfg.data.eval_split, seed=EVAL_SEED)  # a split too short for one window fails here
     return cfg
+
+
+def window_sampler(cfg: RunConfig, split: str, *, seed: int, dp_rank: int = 0, dp_size: int = 1) -> WindowSampler:
+    """The windows a run reads from one split: the training data (seed train.seed), or the validation
+    windows of train.eval_every (ds_mtp.validation.EVAL_SEED)."""
+    t = cfg.train
+    return WindowSampler(TokenShards(cfg.data.path, split), t.seq_len, t.micro_batch, seed=seed,
+                         dp_rank=dp_rank, dp_size=dp_size, mode=cfg.data.sampling)
 
 
 def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool) -> RunConfig:
@@ -173,8 +186,13 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
 
-    sampler = WindowSampler(TokenShards(cfg.data.path, cfg.data.split), t.seq_len, t.micro_batch, seed=t.seed,
-                            dp_rank=dp_rank, dp_size=dp_size, mode=cfg.data.sampling)
+    sampler = window_sampler(cfg, cfg.data.split, seed=t.seed, dp_rank=dp_rank, dp_size=dp_size)
+    validator = None
+    if t.eval_every:
+        from ds_mtp.validation import EVAL_SEED, Validator, format_eval
+
+        validator = Validator(cfg, window_sampler(cfg, cfg.data.eval_split, seed=EVAL_SEED, dp_rank=dp_rank,
+                                                  dp_size=dp_size), pad_id, loss_fn if pipeline else None)
     monitor = Monitor(run_dir, resume_step=start_step, enabled=rank == 0)
     K = cfg.model.mtp_k
     tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * dp_size
@@ -187,6 +205,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         print(f"[ds-mtp] {n_params:,} parameters, K={K} ({cfg.model.head_type}), ZeRO-{t.zero_stage}, "
               f"{world} rank(s) on {device}, {tokens_per_step} tokens/step, steps {start_step}->{t.max_steps}",
               flush=True)
+        if validator is not None:
+            print(f"[ds-mtp] {validator.describe()}", flush=True)
 
     def save(step: int) -> None:
         tag = f"step{step}"
@@ -244,11 +264,18 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
                 row["mfu"] = row["tflops_per_gpu"] / t.peak_tflops
         if source_class(cfg) is not None:
             row["teacher_wait_s"] = maxima[1].item()
+        eval_line = ""
+        if validator is not None and validator.due(step + 1):  # after the step's timing: not in tokens_per_s
+            evaluated, positions = validator.run(engine, world)
+            row.update(evaluated)
+            eval_line = format_eval(step + 1, t.max_steps, evaluated, positions, validator.split)
         monitor.log(row)
         last = row
         if rank == 0 and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps):
             print(f"[ds-mtp] step {step + 1}/{t.max_steps} loss {row['loss']:.4f} ce_1 {row['ce_1']:.4f} "
                   f"lr {lr:.2e} {row['tokens_per_s']:.0f} tok/s", flush=True)
+        if rank == 0 and eval_line:
+            print(eval_line, flush=True)
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < end_step:
             save(step + 1)
     if feed is not None:
