@@ -62,8 +62,7 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool) -> RunConfig:
     cfg = resolve_data(cfg)
     meta = read_meta(cfg.data.path)
     # The sampler checks the windows fit the data (e.g. packed_documents: every document fits a window).
-    WindowSampler(TokenShards(cfg.data.path, cfg.data.split), cfg.train.seq_len, cfg.train.micro_batch,
-                  seed=cfg.train.seed, mode=cfg.data.sampling)
+    window_sampler(cfg, cfg.data.split, seed=cfg.train.seed)
     check_teacher(cfg, meta)
     fill_latent_width(cfg, meta)  # the model's projection to the teacher's width, if any
     run_dir = Path(run_dir)

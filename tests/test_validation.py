@@ -28,11 +28,11 @@ def val_data(tmp_path_factory):
     return path
 
 
-def direct_eval(model_dir, data, seq_len: int, windows: int) -> dict:
+def direct_eval(model_dir, data, seq_len: int, windows: int, mode: str = "packed") -> dict:
     """What the run's eval_ce_k / eval_acc_k should be: the exported model in plain PyTorch on the validation
     windows every rank together evaluated (the first ``windows`` of the EVAL_SEED order), as one batch."""
     model = load_exported(model_dir)
-    batch = WindowSampler(TokenShards(data, "val"), seq_len, windows, seed=EVAL_SEED).batch(0)
+    batch = WindowSampler(TokenShards(data, "val"), seq_len, windows, seed=EVAL_SEED, mode=mode).batch(0)
     with torch.no_grad():
         out = model(batch.tokens, batch.doc_ids)
     K = model.cfg.mtp_k
@@ -138,6 +138,21 @@ def test_evaluation_leaves_training_exactly_as_without_it_and_matches_the_export
     events.Reload()
     assert [e.step for e in events.Scalars("eval/ce_2")] == [2, 4, 5]
     assert {"eval/acc_1", "eval/ce_3", "loss/ce_1"} <= set(events.Tags()["scalars"])
+
+
+@pytest.mark.slow
+def test_evaluation_of_packed_documents_with_document_attention(tmp_path, val_data):
+    """data.sampling=packed_documents (padding at windows' tails) and the model's document-masked attention:
+    the validation windows are packed as the training ones, and the run's evaluation is the exported model's."""
+    run = tmp_path / "run"
+    r = run_cli("train", "--run-dir", str(run), f"data.path={val_data}", "model.preset=tiny", "model.mtp_k=2",
+                "model.attention=document", "data.sampling=packed_documents", "train.seq_len=48",
+                "train.micro_batch=4", "train.max_steps=3", "train.lr=3e-3", "train.eval_every=2",
+                "train.eval_batches=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [row["step"] for row in rows if "eval_ce_1" in row] == [2, 3]
+    assert_matches(rows[-1], direct_eval(run / "model", val_data, 48, 8, mode="packed_documents"))
 
 
 @pytest.mark.multiprocess
