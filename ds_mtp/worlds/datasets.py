@@ -73,10 +73,11 @@ def sample_pairs(graph: Graph, num_pairs: int, rng: np.random.Generator) -> list
 
 
 def split_pairs(pairs, heldout_fraction: float, rng: np.random.Generator):
-    """Shuffle distinct pairs and cut off ``round(heldout_fraction * len)`` as held-out (both sorted)."""
+    """Shuffle distinct pairs and keep ``int((1 - heldout_fraction) * len)`` for training, the rest held out (both
+    sorted): generate_dataset.py's cut, int(len * train_ratio)."""
     pairs = sorted(set(pairs))
     order = rng.permutation(len(pairs))
-    n_held = int(round(heldout_fraction * len(pairs)))
+    n_held = len(pairs) - int((1 - heldout_fraction) * len(pairs))
     heldout = sorted(pairs[i] for i in order[:n_held])
     train = sorted(pairs[i] for i in order[n_held:])
     return train, heldout
