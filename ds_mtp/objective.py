@@ -12,12 +12,13 @@ doc[t] == doc[t+k]}:
 Unlike the paper's code, padding and cross-document positions are masked out of the latent and
 semantic terms too. ``mse_normalization`` says what those two sums are divided by: "valid" (the
 default, |V_k| as above) or "official", the number of positions the paper's code averages over (its
-model.py, F.mse_loss over the whole batch, padding included): B × (T − k) for the latent term (every
-position t with an h_{t+k−1} in the row) and B × (T − 1) for the semantic one (every input position of
-a row of T tokens; the paper's rows are block_size + 1 tokens and its semantic target is defined at all
-block_size inputs). Masked positions still add nothing, so with "official" λ weighs each real position
-as the paper's code does, about |V_k| / (B·T) of "valid"'s weight on padded path data. The cross-entropy over the heads is computed either materialised (every head's
-logits kept for backward) or chunked (ds_mtp.fused_ce: one chunk of logits at a time, gradients formed
+model.py, F.mse_loss over the whole batch, padding included). Its rows are block_size + 1 tokens, of
+which the first block_size are inputs; for a row of T tokens that is B × (T − k) for the latent term
+(every input position t whose h_{t+k−1} is an input's state too) and B × (T − 1) for the semantic one
+(every input position: its targets past the row are padding, still averaged). Masked positions still
+add nothing, so with "official" λ weighs each real position as the paper's code does, about
+|V_k| / (B·T) of "valid"'s weight on padded path data. The cross-entropy over the heads is computed
+either materialised (every head's logits kept for backward) or chunked (ds_mtp.fused_ce: one chunk of logits at a time, gradients formed
 in the forward pass); both give the same loss and gradients.
 
 External latent targets (ds_mtp.teacher): ``latent_targets`` [B, K−1, T, D] replaces sg h_{t+k−1}

@@ -100,8 +100,8 @@ def usg(n: int = 100, density: float = 0.3, seed: int = 0) -> Graph:
 
     ``n`` uniform points in the unit square are Delaunay-triangulated; the graph is the Euclidean
     minimum spanning tree of the triangulation plus a random ``density`` fraction of the remaining
-    Delaunay edges, the count truncated as the paper's generate_dataset.py does (int(density × remaining)). Node ids are assigned in (x, y) order so that nearby ids tend to be
-    nearby points.
+    Delaunay edges, the count truncated as the paper's generate_dataset.py does (int(density × remaining)).
+    Node ids are assigned in (x, y) order so that nearby ids tend to be nearby points.
     """
     from scipy.spatial import Delaunay
 
