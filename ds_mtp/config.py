@@ -20,6 +20,9 @@ from ds_mtp.data import SAMPLING_MODES
 from ds_mtp.errors import UserError
 
 HEAD_TYPES = ("linear", "block", "sequential")
+MLP_TYPES = ("gelu", "gelu_tanh", "swiglu")
+TRANSITION_INITS = ("normal", "identity")
+MSE_NORMALIZATIONS = ("valid", "official")
 
 
 @dataclass
@@ -37,7 +40,7 @@ class ModelConfig:
     d_model: int = 128
     """Residual stream width d."""
     d_ff: int = 0
-    """MLP hidden width; 0 means 4*d (GELU) or the usual 8/3*d rounded to 64 (SwiGLU)."""
+    """MLP hidden width; 0 means 4*d (GELU, either form) or the usual 8/3*d rounded to 64 (SwiGLU)."""
     max_seq_len: int = 256
     """Longest sequence the model accepts (size of the learned position table)."""
     positions: str = "rope"
@@ -50,7 +53,8 @@ class ModelConfig:
     norm: str = "rmsnorm"
     """Normalisation: "rmsnorm" or "layernorm"."""
     mlp: str = "swiglu"
-    """MLP type: "gelu" or "swiglu"."""
+    """MLP type: "gelu" (exact GELU), "gelu_tanh" (GELU's tanh approximation, as the paper's code computes it;
+    the paper-graph preset) or "swiglu"."""
     tie_embeddings: bool = True
     """Share the token embedding with the unembedding."""
     bias: bool = False
@@ -61,6 +65,9 @@ class ModelConfig:
     """K, the number of prediction heads counting the next-token head (1 = next-token training)."""
     head_type: str = "linear"
     """Extra-head architecture: "linear" (the paper), "block" (Gloeckle et al.), "sequential" (DeepSeek-V3)."""
+    transition_init: str = "normal"
+    """Initialisation of the linear heads' transitions W_k: "normal" (N(0, init_std), like every other matrix, as
+    the paper's code does) or "identity" (W_k = I, so that every head starts as a copy of head 1's state)."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of weight matrices."""
     latent_width: int = 0
@@ -94,6 +101,11 @@ class ObjectiveConfig:
     chunk_rows: int = 0
     """Rows decoded at once by the chunked loss; 0 = auto (a chunk's logits about the size of the decoded
     hidden states: rows × d_model / vocab_size, at least 256)."""
+    mse_normalization: str = "valid"
+    """What the latent and semantic terms divide their sums by: "valid" (the number of valid positions V_k, so
+    padding neither enters nor dilutes them) or "official" (every position of the rows, B × (T − k) for the latent
+    term and B × (T − 1) for the semantic one, as the paper's code's F.mse_loss averages; padding still adds
+    nothing to the sums, so λ weighs real positions as it does in the paper's code). See ds_mtp.objective."""
 
 
 @dataclass
@@ -119,7 +131,9 @@ class TrainConfig:
     beta2: float = 0.95
     """AdamW β2."""
     weight_decay: float = 0.1
-    """AdamW weight decay, applied to weight matrices only (not norms, biases or the MTP transitions' biases)."""
+    """AdamW weight decay, applied as the paper's code applies it: to the weights of linear layers (the blocks'
+    projections, the MTP transitions) only; never to embeddings (token, position, tied or not), the unembedding,
+    norms or biases (ds_mtp.engine.param_groups)."""
     grad_clip: float = 1.0
     """Gradient clipping by global norm (0 disables)."""
     seed: int = 1234
@@ -213,9 +227,10 @@ class RunConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's graph model: 6 layers, 6 heads, d=120, learned positions, LayerNorm, GELU, tied, no bias.
+    # The paper's graph model: 6 layers, 6 heads, d=120, learned positions, LayerNorm, tanh-approximated GELU
+    # (the paper's code), tied, no bias.
     "paper-graph": dict(n_layer=6, n_head=6, d_model=120, max_seq_len=64, positions="learned",
-                        norm="layernorm", mlp="gelu", tie_embeddings=True, bias=False, dropout=0.0),
+                        norm="layernorm", mlp="gelu_tanh", tie_embeddings=True, bias=False, dropout=0.0),
     "tiny": dict(n_layer=2, n_head=2, d_model=64, max_seq_len=256, positions="rope", norm="rmsnorm",
                  mlp="swiglu", tie_embeddings=True, bias=False),
     "small": dict(n_layer=6, n_head=8, d_model=384, max_seq_len=1024, positions="rope", norm="rmsnorm",
@@ -315,7 +330,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"unknown head type '{m.head_type}' (choose from {', '.join(HEAD_TYPES)})")
     for name, value, choices in (("positions", m.positions, ("rope", "learned")),
                                  ("norm", m.norm, ("rmsnorm", "layernorm")),
-                                 ("mlp", m.mlp, ("gelu", "swiglu")),
+                                 ("mlp", m.mlp, MLP_TYPES),
+                                 ("transition_init", m.transition_init, TRANSITION_INITS),
                                  ("attention", m.attention, ("document", "window"))):
         if value not in choices:
             raise UserError(f"model.{name} must be one of {', '.join(choices)} (got '{value}')")
@@ -332,6 +348,9 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"objective.distance must be mse or cosine (got '{o.distance}')")
     if o.loss_impl not in ("chunked", "materialized"):
         raise UserError(f"objective.loss_impl must be chunked or materialized (got '{o.loss_impl}')")
+    if o.mse_normalization not in MSE_NORMALIZATIONS:
+        raise UserError(f"objective.mse_normalization must be one of {', '.join(MSE_NORMALIZATIONS)} "
+                        f"(got '{o.mse_normalization}')")
     if o.chunk_rows < 0:
         raise UserError(f"objective.chunk_rows must be 0 (auto) or positive (got {o.chunk_rows})")
     if o.head_weights is not None and len(o.head_weights) != m.mtp_k:

@@ -68,7 +68,7 @@ def build_ds_config(cfg: RunConfig, dp_size: int, gpu: bool) -> dict:
     bf16 = t.precision == "bf16" or (t.precision == "auto" and (gpu if file_bf16 is None else file_bf16))
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
     ds.pop("fp16", None)
-    ds.pop("optimizer", None)  # ds-mtp builds AdamW itself (weight decay on matrices only)
+    ds.pop("optimizer", None)  # ds-mtp builds AdamW itself (param_groups: the paper's decay rule)
     ds.pop("scheduler", None)
     return ds
 
@@ -87,12 +87,28 @@ def lr_lambda(cfg: RunConfig):
     return factor
 
 
+def decayed_parameters(module: torch.nn.Module) -> set[int]:
+    """ids of the parameters weight decay applies to, by the paper's code's rule (its configure_optimizers):
+    the weights of linear layers, except the unembedding (its lm_head, which it takes out of the decayed set).
+
+    Everything else is not decayed: norms, biases, and the token and position embeddings. A tied embedding
+    is not decayed either: in the paper's code the shared tensor is named after the embedding, so its rule
+    meets it as an embedding weight (the untied case never occurs there; its lm_head would not be optimised at
+    all, so ds-mtp keeps it undecayed instead). The rule goes by module type, so it holds for MTPModel, for
+    the pipeline's layers (a PipelineModule of EmbeddingPipe, BlockPipe, HeadsPipe) and for ZeRO-3
+    partitioned parameters alike.
+    """
+    return {id(m.weight) for m in module.modules()
+            if isinstance(m, torch.nn.Linear) and not getattr(m, "unembedding", False)}
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay weight matrices (and embeddings); never norms or biases."""
+    """Two AdamW groups: ``decayed_parameters(model)`` with weight_decay, every other trainable one without."""
+    decayed = decayed_parameters(model)
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+            (decay if id(p) in decayed else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

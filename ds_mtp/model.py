@@ -2,7 +2,8 @@
 
 embedding → blocks → output heads (final norm, K−1 extra heads, shared unembedding). Head 1 decodes
 the post-norm trunk state h_t; head k ≥ 2 produces ĥ_{t,k}, decoded by the same unembedding:
-  linear      ĥ_{t,k} = W_k h_t                          (the LSE-MTP paper; W_k starts at identity)
+  linear      ĥ_{t,k} = W_k h_t                          (the LSE-MTP paper; W_k ~ N(0, init_std) as in its
+                                                         code, or W_k = I with model.transition_init=identity)
   block       ĥ_{t,k} = norm(Block_k(z_t))               (Gloeckle et al. 2024; z = pre-norm trunk)
   sequential  s_k = Block_k(P_k [rms(s_{k−1}); rms(E x_{t+k−1})]), ĥ_{t,k} = norm(s_k), s_1 = z
                                                          (DeepSeek-V3 MTP modules)
@@ -175,9 +176,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """up → activation → down. "gelu" is the exact GELU; "gelu_tanh" its tanh approximation (the paper's code),
+    kept a separate choice so that models exported with "gelu" still compute what they were trained with."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
+        self.gelu_approximate = "tanh" if cfg.mlp == "gelu_tanh" else "none"
         width = cfg.ff_width
         self.up = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * width, bias=cfg.bias)
         self.down = nn.Linear(width, cfg.d_model, bias=cfg.bias)
@@ -187,7 +192,7 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = self.up(x).chunk(2, dim=-1)
             return self.down(F.silu(gate) * up)
-        return self.down(F.gelu(self.up(x)))
+        return self.down(F.gelu(self.up(x), approximate=self.gelu_approximate))
 
 
 class Block(nn.Module):
@@ -261,6 +266,8 @@ class OutputHeads(nn.Module):
         else:
             self.depths = nn.ModuleList(SequentialDepth(cfg) for _ in range(self.extra))
         self.unembed = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if self.unembed is not None:
+            self.unembed.unembedding = True  # the paper's lm_head: ds_mtp.engine.param_groups does not decay it
         width = latent_projection_width(cfg)
         self.latent_projection = None if width is None else nn.Linear(cfg.d_model, width, bias=False)
 
@@ -291,7 +298,7 @@ class MTPModel(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.heads = OutputHeads(cfg)
         self.apply(self._init_weights)
-        if cfg.head_type == "linear":
+        if cfg.head_type == "linear" and cfg.transition_init == "identity":
             for w in self.heads.transitions:
                 nn.init.eye_(w.weight)
         if self.heads.latent_projection is not None:
@@ -349,7 +356,8 @@ class MTPModel(nn.Module):
                             lambda_latent=o.lambda_latent, lambda_semantic=o.lambda_semantic,
                             pad_id=self.pad_id, doc_ids=doc_ids, head_weights=o.head_weights,
                             distance=o.distance, loss_impl=o.loss_impl, chunk_rows=o.chunk_rows,
-                            latent_targets=latent_targets, latent_mask=latent_mask, latent_pred=latent_pred)
+                            mse_normalization=o.mse_normalization, latent_targets=latent_targets,
+                            latent_mask=latent_mask, latent_pred=latent_pred)
 
     @torch.no_grad()
     def hidden(self, tokens, doc_ids=None):

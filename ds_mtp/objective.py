@@ -10,8 +10,15 @@ doc[t] == doc[t+k]}:
     loss        = Σ_k w_k ce[k] + λ_l Σ_k latent[k] + λ_s Σ_k semantic[k]
 
 Unlike the paper's code, padding and cross-document positions are masked out of the latent and
-semantic terms too. The cross-entropy over the heads is computed either materialised (every head's
-logits kept for backward) or chunked (ds_mtp.fused_ce: one chunk of logits at a time, gradients formed
+semantic terms too. ``mse_normalization`` says what those two sums are divided by: "valid" (the
+default, |V_k| as above) or "official", the number of positions the paper's code averages over (its
+model.py, F.mse_loss over the whole batch, padding included). Its rows are block_size + 1 tokens, of
+which the first block_size are inputs; for a row of T tokens that is B × (T − k) for the latent term
+(every input position t whose h_{t+k−1} is an input's state too) and B × (T − 1) for the semantic one
+(every input position: its targets past the row are padding, still averaged). Masked positions still
+add nothing, so with "official" λ weighs each real position as the paper's code does, about
+|V_k| / (B·T) of "valid"'s weight on padded path data. The cross-entropy over the heads is computed
+either materialised (every head's logits kept for backward) or chunked (ds_mtp.fused_ce: one chunk of logits at a time, gradients formed
 in the forward pass); both give the same loss and gradients.
 
 External latent targets (ds_mtp.teacher): ``latent_targets`` [B, K−1, T, D] replaces sg h_{t+k−1}
@@ -62,13 +69,14 @@ def _distance(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
 
 
 LOSS_IMPLS = ("materialized", "chunked")
+MSE_NORMALIZATIONS = ("valid", "official")
 
 
 def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens: torch.Tensor,
                  unembed: torch.Tensor, embed: torch.Tensor, *, lambda_latent: float = 0.1,
                  lambda_semantic: float = 0.1, pad_id: int | None = None,
                  doc_ids: torch.Tensor | None = None, head_weights=None, distance: str = "mse",
-                 loss_impl: str = "materialized", chunk_rows: int = 0,
+                 loss_impl: str = "materialized", chunk_rows: int = 0, mse_normalization: str = "valid",
                  latent_targets: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None,
                  latent_pred: torch.Tensor | None = None) -> dict:
     """LSE-MTP loss over K heads.
@@ -87,11 +95,17 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
     latent_targets [B, K-1, T, D] (None = the model's own sg h_{t+k-1}) and latent_mask [B, T] bool
     (None = every position) select the latent term's anchors; latent_pred [B, K-1, T, D] (None = head_hidden,
     then D = d) is what the latent term compares with them, see the module docstring.
+
+    mse_normalization "valid" divides the latent and semantic sums by the valid positions (by the kept ones for
+    the latent term under latent_mask); "official" by B × (T − k) and B × (T − 1), as the paper's code does
+    (module docstring).
     """
     if distance not in ("mse", "cosine"):
         raise ValueError(f"distance must be 'mse' or 'cosine', got {distance!r}")
     if loss_impl not in LOSS_IMPLS:
         raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
+    if mse_normalization not in MSE_NORMALIZATIONS:
+        raise ValueError(f"mse_normalization must be one of {MSE_NORMALIZATIONS}, got {mse_normalization!r}")
     B, T, d = hidden.shape
     K = 1 + (head_hidden.shape[1] if head_hidden is not None else 0)
     weights = head_weights if head_weights is not None else [1.0] * K
@@ -134,12 +148,16 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
             latent_pred[:, k - 2, : T - k].reshape(-1, latent_width).index_select(0, rows)  # P ĥ_{t,k}  [N_k, D]
         anchor = F.embedding(target, sg_embed)  # E[x_{t+k}]  [N_k, d]
         latent_dist = _distance(_at_least_fp32(latent_in), _at_least_fp32(future), distance)  # [N_k]
-        if latent_mask is None:
-            latent_k = latent_dist.sum() / count
-        else:
+        semantic_sum = _distance(_at_least_fp32(flat_pred), _at_least_fp32(anchor), distance).sum()
+        if latent_mask is not None:
             keep = latent_mask[:, : T - k].reshape(-1).index_select(0, rows)  # [N_k]
-            latent_k = (latent_dist * keep).sum() / keep.sum().clamp(min=1)
-        semantic_k = _distance(_at_least_fp32(flat_pred), _at_least_fp32(anchor), distance).sum() / count
+            latent_dist = latent_dist * keep
+        if mse_normalization == "official":
+            latent_k = latent_dist.sum() / (B * (T - k))
+            semantic_k = semantic_sum / (B * (T - 1))
+        else:
+            latent_k = latent_dist.sum() / (count if latent_mask is None else keep.sum().clamp(min=1))
+            semantic_k = semantic_sum / count
         latent.append(latent_k)
         semantic.append(semantic_k)
         loss = loss + lambda_latent * latent_k + lambda_semantic * semantic_k

@@ -150,7 +150,7 @@ class PipelineLoss:
         out = lse_mtp_loss(h, head_hidden, tokens, unembed, embed, lambda_latent=o.lambda_latent,
                            lambda_semantic=o.lambda_semantic, pad_id=self.pad_id, doc_ids=doc_ids,
                            head_weights=o.head_weights, distance=o.distance, loss_impl=o.loss_impl,
-                           chunk_rows=o.chunk_rows, latent_targets=targets, latent_mask=mask,
+                           chunk_rows=o.chunk_rows, mse_normalization=o.mse_normalization, latent_targets=targets, latent_mask=mask,
                            latent_pred=latent_pred)
         if self.eval_sums is not None:
             from ds_mtp.validation import head_sums
@@ -194,15 +194,18 @@ def partition(specs: list, stages: int) -> list[int]:
     """Stage boundaries as PipelineModule(partition_method="parameters") computes them.
 
     The heads must share a stage with the embedding copy, which hands them its weight. And every stage
-    must hold both weight-decayed matrices and undecayed vectors: ZeRO-1 all-reduces the gradient norm
-    once per non-empty parameter group, so a stage with one group (the embedding alone) leaves the
+    must hold both weight-decayed and undecayed parameters (ds_mtp.engine.param_groups): ZeRO-1 all-reduces
+    the gradient norm once per non-empty parameter group, so a stage with one group (the embedding alone) leaves the
     others waiting forever in the first optimizer step (seen with 3 and 4 stages).
     """
     from deepspeed.runtime.utils import partition_balanced
 
+    from ds_mtp.engine import decayed_parameters
+
     layers = [spec.build() for spec in specs]
     counts = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]
-    kinds = [{p.dim() >= 2 for p in layer.parameters() if p.requires_grad} for layer in layers]
+    kinds = [{id(p) in decayed for p in layer.parameters() if p.requires_grad}
+             for layer, decayed in ((layer, decayed_parameters(layer)) for layer in layers)]
 
     copy = len(specs) - 2  # the embedding copy; the heads are the layer after it
 

@@ -173,7 +173,7 @@ TABLES = [
     ("Structure Gain (the paper; higher = states sharing the k-ahead token are more alike)", ("structure_gain",)),
     ("Belief compression / goal distinction (the paper: mean cosine similarity of states per group)",
      ("belief_", "goal_distinction", "node_distinction")),
-    ("Illegal Shortcut Probability and legal-step probability (the paper)", ("isp", "legal_")),
+    ("Illegal Shortcut Probability and Legal Step Probability (the paper)", ("isp", "legal_", "mean_legal_")),
     ("Path decoding on held-out pairs (the paper; rates, greedy and sampled at T = 0.8)",
      ("path_success", "illegal_edge", "wrong_target", "invalid_format")),
     ("Vafa et al. (NeurIPS 2024)", ("next_token_validity", "sequence_validity", "probe_", "compression_",

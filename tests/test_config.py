@@ -32,6 +32,9 @@ def test_json_config(tmp_path):
     (["model.n_layer=three"], "model.n_layer must be int"),
     (["trainer.lr=1"], "unknown section"),
     (["train.lr"], "not of the form"),
+    (["model.mlp=relu"], "model.mlp must be one of gelu, gelu_tanh, swiglu"),
+    (["model.transition_init=zeros"], "model.transition_init must be one of normal, identity"),
+    (["objective.mse_normalization=mean"], "objective.mse_normalization must be one of valid, official"),
 ])
 def test_bad_config(overrides, message):
     with pytest.raises(UserError, match=message):
@@ -45,3 +48,13 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(UserError, match="cannot parse config"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("override", ["model.transition_init=eye", "objective.mse_normalization=sum",
+                                      "model.mlp=gelu_erf"])
+def test_bad_protocol_choices_exit_2_in_one_line(tmp_path, capsys, override):
+    from ds_mtp.cli import main
+
+    code = main(["train", "--run-dir", str(tmp_path / "run"), override])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and override.split("=")[0] in err

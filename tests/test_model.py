@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from ds_mtp.config import PRESETS, ModelConfig, ObjectiveConfig
+from ds_mtp.config import PRESETS, ModelConfig, ObjectiveConfig, load_config
+from ds_mtp.engine import param_groups
+from ds_mtp.errors import UserError
 from ds_mtp.model import AttentionLayout, MTPModel, count_parameters, load_exported, save_exported
 
 
@@ -68,11 +70,50 @@ def test_layers_are_the_model_in_order():
     assert head_hidden.shape == (2, 2, 10, 32)
 
 
-def test_linear_heads_start_at_identity():
-    model = MTPModel(tiny())
+def test_linear_heads_start_normal_like_the_papers_code_or_at_identity_by_name():
+    torch.manual_seed(0)
+    model = MTPModel(tiny(d_model=128, mtp_k=4))
+    for w in model.heads.transitions:  # the paper's code: nn.Linear initialised N(0, 0.02)
+        assert w.weight.mean().abs() < 0.002 and w.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    identity = MTPModel(tiny(transition_init="identity"))
     tokens = torch.randint(0, 32, (2, 10))
-    h, head_hidden = model.states(tokens)
+    h, head_hidden = identity.states(tokens)
     torch.testing.assert_close(head_hidden[:, 0], h)
+    with pytest.raises(UserError, match="model.transition_init must be one of normal, identity"):
+        load_config(None, ["model.transition_init=eye"])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_weight_decay_follows_the_papers_code(tied):
+    """The paper's code (model.py, configure_optimizers) decays only nn.Linear weights and takes its lm_head
+    out; run on its GPT (tied), its groups are: decayed = aux_heads.*, c_attn, c_proj, c_fc; not decayed =
+    ln_*, ln_f, wpe and wte (the tied embedding)."""
+    model = MTPModel(tiny(positions="learned", norm="layernorm", bias=True, tie_embeddings=tied))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decayed == {n for n, p in model.named_parameters()
+                       if n.endswith(".weight") and p.dim() == 2 and not n.startswith("embed.")
+                       and n != "heads.unembed.weight"}
+    assert {"heads.transitions.0.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.down.weight"} <= decayed
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    assert {"embed.wte.weight", "embed.wpe.weight", "heads.norm.weight", "blocks.0.attn.qkv.bias"} <= undecayed
+    assert ("heads.unembed.weight" in undecayed) == (not tied)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_gelu_tanh_is_the_papers_approximation_and_gelu_stays_exact():
+    x = torch.linspace(-4, 4, 81)[:, None].repeat(1, 32)
+    exact, approx = (MTPModel(tiny(mlp=mlp, bias=True)).blocks[0].mlp for mlp in ("gelu", "gelu_tanh"))
+    approx.load_state_dict(exact.state_dict())
+    up = exact.up(x)
+    # the paper's code (model.py, new_gelu): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    paper = 0.5 * up * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (up + 0.044715 * up ** 3)))
+    torch.testing.assert_close(approx(x), approx.down(paper))
+    torch.testing.assert_close(exact(x), exact.down(torch.nn.functional.gelu(up)))
+    assert not torch.allclose(exact(x), approx(x))
+    assert PRESETS["paper-graph"]["mlp"] == "gelu_tanh"
 
 
 def test_paper_preset_size():

@@ -113,3 +113,53 @@ def test_head_k_targets_shift_by_k():
     assert all(float(c) < 1e-6 for c in out["ce"])
     wrong = lse_mtp_loss(hidden, torch.stack([onehot(1), onehot(1)], dim=1), tokens, unembed, unembed)
     assert float(wrong["ce"][1]) > 10
+
+
+def test_official_mse_normalization_divides_by_every_position_as_the_papers_code():
+    """The paper's code (model.py) averages its latent and semantic MSEs over the whole batch with F.mse_loss:
+    every position t < T - k for the latent term, every input position for the semantic one. "official" keeps
+    ds-mtp's masking (an invalid position adds 0) but divides as F.mse_loss does."""
+    hidden, head_hidden, tokens, unembed, embed, doc_ids = random_inputs()
+    B, T, d = hidden.shape
+    V = unembed.shape[0]
+    kw = dict(lambda_latent=0.3, lambda_semantic=0.7, pad_id=V - 1, doc_ids=doc_ids)
+    valid = lse_mtp_loss(hidden, head_hidden, tokens, unembed, embed, **kw)
+    official = lse_mtp_loss(hidden, head_hidden, tokens, unembed, embed, mse_normalization="official", **kw)
+    for k in range(2, head_hidden.shape[1] + 2):
+        pred = head_hidden[:, k - 2, : T - k]
+        keep = (tokens[:, k:] != V - 1) & (doc_ids[:, :-k] == doc_ids[:, k:])
+        # invalid positions copy their target, so they add nothing to F.mse_loss's sum but still count
+        latent_target = torch.where(keep[..., None], hidden[:, k - 1: T - 1], pred)
+        assert official["latent"][k - 2].item() == pytest.approx(F.mse_loss(pred, latent_target).item())
+        semantic_target = torch.where(keep[..., None], embed[tokens[:, k:]], pred)
+        semantic = F.mse_loss(pred, semantic_target, reduction="sum") / (B * (T - 1) * d)
+        assert official["semantic"][k - 2].item() == pytest.approx(semantic.item())
+        n_valid = keep.sum().item()
+        rescaled = valid["latent"][k - 2].item() * n_valid / (B * (T - k))
+        assert official["latent"][k - 2].item() == pytest.approx(rescaled)
+    torch.testing.assert_close(official["ce"], valid["ce"])
+    with pytest.raises(ValueError, match="mse_normalization"):
+        lse_mtp_loss(hidden, head_hidden, tokens, unembed, embed, mse_normalization="mean")
+
+
+def test_official_mse_normalization_reaches_the_model_and_the_pipeline_loss():
+    from ds_mtp.config import ModelConfig, ObjectiveConfig, RunConfig
+    from ds_mtp.model import MTPModel
+    from ds_mtp.pipeline import PipelineLoss
+
+    torch.manual_seed(0)
+    cfg = RunConfig(model=ModelConfig(vocab_size=16, n_layer=1, n_head=2, d_model=16, max_seq_len=12, mtp_k=3),
+                    objective=ObjectiveConfig(mse_normalization="official"))
+    model = MTPModel(cfg.model, cfg.objective, pad_id=15)
+    tokens = torch.randint(0, 15, (2, 12))
+    tokens[0, 6:] = 15
+    h, head_hidden = model.states(tokens)
+    expected = lse_mtp_loss(h, head_hidden, tokens, model.unembed_weight, model.embed.weight, pad_id=15,
+                            mse_normalization="official")
+    got = model(tokens)
+    torch.testing.assert_close(torch.stack(got["latent"]), torch.stack(expected["latent"]))
+    valid = lse_mtp_loss(h, head_hidden, tokens, model.unembed_weight, model.embed.weight, pad_id=15)
+    assert not torch.allclose(torch.stack(got["latent"]), torch.stack(valid["latent"]))
+    loss_fn = PipelineLoss(cfg, pad_id=15)
+    pipe = loss_fn((h, head_hidden, model.unembed_weight, model.embed.weight), (tokens, None))
+    torch.testing.assert_close(pipe, got["loss"])

@@ -107,6 +107,25 @@ def test_layer_files_map_back_to_the_models_state_dict(token_data):
         assert mapped[key] is value or torch.equal(mapped[key], value)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_pipeline_layers_decay_what_the_model_decays(token_data, tied):
+    """The pipeline's layers (EmbeddingPipe tied through TiedLayerSpec, BlockPipe, HeadsPipe) are grouped by
+    the same rule as MTPModel: no decay on the token or position embedding, tied or not, nor the unembedding."""
+    cfg = _config(token_data, ["model.mtp_k=3", "model.positions=learned", f"model.tie_embeddings={tied}"])
+    model = MTPModel(cfg.model, cfg.objective)
+    _, tied_modules = _run_layers(layer_specs(LayerSource(model), cfg.model.n_layer), torch.zeros(1, 4).long())
+    specs = layer_specs(LayerSource(model), cfg.model.n_layer)
+    layers = torch.nn.ModuleList(tied_modules["embed"] if spec.__class__.__name__ == "TiedLayerSpec" else spec.build()
+                                 for spec in specs)
+    pipe_decay, pipe_no_decay = param_groups(layers, 0.1)
+    decay, no_decay = param_groups(model, 0.1)
+    assert {id(p) for p in pipe_decay["params"]} == {id(p) for p in decay["params"]}
+    assert {id(p) for p in pipe_no_decay["params"]} == {id(p) for p in no_decay["params"]}
+    undecayed = {id(p) for p in no_decay["params"]}
+    assert id(model.embed.wte.weight) in undecayed and id(model.embed.wpe.weight) in undecayed
+    assert all(id(w.weight) not in undecayed for w in model.heads.transitions)
+
+
 def test_heads_stay_on_the_stage_of_the_embedding_copy(token_data):
     cfg = _config(token_data, ["model.mtp_k=3", "model.n_layer=1"])
     specs = layer_specs(LayerSource(MTPModel(cfg.model, cfg.objective)), 1)

@@ -178,7 +178,9 @@ def test_objective_projected_latent_term_against_a_hand_computation():
 def test_student_learns_a_projection_to_a_teacher_of_another_width(tmp_path):
     torch.manual_seed(3)
     d, D, K = 32, 24, 3
-    cfg = ModelConfig(vocab_size=64, n_layer=1, n_head=2, d_model=d, max_seq_len=64, mtp_k=K, latent_width=D)
+    # identity transitions: ĥ starts at h's scale, which P keeps, so the latent term starts at the teacher's
+    cfg = ModelConfig(vocab_size=64, n_layer=1, n_head=2, d_model=d, max_seq_len=64, mtp_k=K, latent_width=D,
+                      transition_init="identity")
     model = MTPModel(cfg, pad_id=62)
     P = model.heads.latent_projection.weight  # [D, d], rows orthonormal: keeps the per-coordinate RMS of ĥ
     assert P.shape == (D, d) and torch.allclose(P @ P.t(), torch.eye(D), atol=1e-5)
@@ -214,7 +216,8 @@ def test_train_with_a_teacher_of_another_width(token_data, teacher_dir, tmp_path
     run_dir = tmp_path / "run"
     args = ["--run-dir", str(run_dir), "--lse-target", f"checkpoint:{teacher_dir}", f"data.path={token_data}",
             "model.preset=tiny", "model.d_model=48", "model.n_head=2", "model.n_layer=1", "model.mtp_k=3", "train.seq_len=32", "train.micro_batch=4",
-            "train.max_steps=12", "train.lr=3e-3", "train.warmup_steps=0", "objective.lambda_latent=1.0"]
+            "train.max_steps=12", "train.lr=3e-3", "train.warmup_steps=0", "objective.lambda_latent=1.0",
+            "model.transition_init=identity"]
     result = run_cli("train", *args, "train.stop_after=6", env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert json.loads((run_dir / "config.json").read_text())["model"]["latent_width"] == 32

@@ -10,7 +10,7 @@ from ds_mtp.data import TokenShards, WindowSampler, read_meta
 from ds_mtp.errors import UserError
 from ds_mtp.worlds import load_world, make_world
 from ds_mtp.worlds import datasets as ds
-from ds_mtp.worlds.graphs import usg
+from ds_mtp.worlds.graphs import Graph, usg
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,10 @@ def test_detour_avoids_an_intermediate_node_and_is_shortest_without_it():
         checked += 1
     assert checked >= 3
     assert ds.detour_path(g, [0, 1], rng) is None
+    # generate_dataset.py detours only when the shortest path has more than 3 nodes (len(shortest) > 3)
+    middle = next(v for v in g.successors(0) if any(g.has_edge(v, w) and w != 0 for w in g.successors(v)))
+    end = next(w for w in g.successors(middle) if w != 0)
+    assert ds.detour_path(g, [0, middle, end], rng) is None
 
 
 def test_recovery_takes_a_random_first_step_then_a_shortest_path():
@@ -118,6 +122,10 @@ def test_recovery_takes_a_random_first_step_then_a_shortest_path():
         assert len(walk) - 2 == graph.distances_to(39)[walk[1]]
         firsts.add(walk[1])
     assert firsts == set(graph.successors(0))
+    # generate_dataset.py makes a recovery only from a node with more than one successor
+    line = Graph(3, [(0, 1), (1, 0), (1, 2), (2, 1)])
+    assert ds.recovery_path(line, 0, 2, rng, {}) is None
+    assert ds.recovery_path(line, 1, 2, rng, {}) in ([1, 2, 1, 2], [1, 0, 1, 2])
 
 
 def test_other_datasets(tmp_path):

@@ -35,7 +35,17 @@ def test_usg_is_the_papers_graph(seed):
     undirected = {(u, v) for u, v in g.edges if u < v}
     assert mst <= undirected <= delaunay
     extra, available = len(undirected - mst), len(delaunay - mst)
-    assert extra == round(0.3 * available)
+    assert extra == int(0.3 * available)
+
+
+def test_usg_truncates_the_extra_edge_count_like_the_papers_code():
+    """generate_dataset.py adds the first int(len(non_mst_edges) * p_density) shuffled edges: truncated, not
+    rounded. A density whose product has fraction .7 tells the two apart."""
+    full = usg(60, 1.0, 3)
+    delaunay, mst = delaunay_and_mst(full.positions)
+    available = len(delaunay - mst)
+    g = usg(60, 10.7 / available, 3)
+    assert len({(u, v) for u, v in g.edges if u < v} - mst) == 10
 
 
 def test_usg_deterministic_per_seed():

@@ -1,7 +1,21 @@
 """Path decoding metrics (the LSE-MTP paper): success, illegal edge, wrong target, invalid format.
 
 For each held-out pair the model decodes from the prompt ``src tgt``, greedily (temperature 0) or
-by seeded sampling. Each sequence gets one outcome, decided by its first non-legal event:
+by seeded sampling, up to ``max_moves + 1`` tokens. Each sequence gets one outcome under each of two
+definitions.
+
+The official one (the default names; the paper's ``test_accuracy.py``, ``parse_generated_path`` and
+``validate_path``) reads the tokens up to the first end-of-sequence or ``<pad>``, keeps only the move
+tokens (any other token, such as a node token, is skipped) and walks them:
+
+- ``success``: the walk reaches the target (its first arrival; what follows does not count);
+- ``illegal_edge``: a move that is not an out-edge of the current node, before any arrival (the
+  script's "disconnected"; also a sequence with no move at all, which the script counts so);
+- ``wrong_target``: the moves end (end-of-sequence, ``<pad>`` or the budget) away from the target;
+- ``invalid_format``: never, since the prompt is always well formed (the script's invalid format is
+  an unparsable prompt); the key stays for the strict definition's shape.
+
+The strict one (``strict``; ds-mtp's own) decides on the first non-legal event:
 
 - ``success``: a walk of legal moves that ends with end-of-sequence at the target;
 - ``illegal_edge``: the first move token that is not an out-edge of the current node;
@@ -33,17 +47,81 @@ def choose_tokens(logits: torch.Tensor, temperature: float, generator: torch.Gen
 
 
 def select_pairs(pairs, max_pairs: int | None, seed: int):
-    """All pairs, or a seeded random subset of ``max_pairs`` (the stored list is sorted by origin)."""
-    if max_pairs is None or max_pairs >= len(pairs):
+    """All pairs (``max_pairs`` None or 0), or a seeded random subset of ``max_pairs`` (the stored list is
+    sorted by origin)."""
+    if not max_pairs or max_pairs >= len(pairs):
         return list(pairs)
     rng = np.random.default_rng([seed, 7])
     return [pairs[i] for i in sorted(rng.choice(len(pairs), size=max_pairs, replace=False))]
 
 
+class OfficialOutcome:
+    """The outcome of test_accuracy.py for one decoded sequence, fed one generated token at a time."""
+
+    def __init__(self, tok, source: int, target: int):
+        self.tok, self.node, self.target = tok, source, target
+        self.moved, self.outcome = False, None
+
+    def feed(self, token: int) -> None:
+        if self.outcome is not None:
+            return
+        if token in (self.tok.eos_id, self.tok.pad_id):  # the script cuts the text there
+            self.finish()
+        elif self.tok.is_move_token(token):
+            reached = self.tok.step(self.node, token)
+            if reached is None:
+                self.outcome = "illegal_edge"
+            else:
+                self.node, self.moved = reached, True
+                if reached == self.target:
+                    self.outcome = "success"
+        # any other token (a node token) is skipped by parse_generated_path
+
+    def finish(self) -> None:
+        """The moves have ended without a decision: no move at all is "disconnected", else a wrong target."""
+        if self.outcome is None:
+            self.outcome = "wrong_target" if self.moved else "illegal_edge"
+
+
+class StrictOutcome:
+    """ds-mtp's strict outcome: the first non-legal token decides, and success needs end-of-sequence at the
+    target. ``walk`` is the nodes visited."""
+
+    def __init__(self, tok, source: int, target: int):
+        self.tok, self.target = tok, target
+        self.walk, self.outcome = [source], None
+
+    def feed(self, token: int) -> None:
+        if self.outcome is not None:
+            return
+        if token == self.tok.eos_id:
+            self.outcome = "success" if self.walk[-1] == self.target else "wrong_target"
+        elif not self.tok.is_move_token(token):
+            self.outcome = "invalid_format"
+        else:
+            reached = self.tok.step(self.walk[-1], token)
+            if reached is None:
+                self.outcome = "illegal_edge"
+            else:
+                self.walk.append(reached)
+
+
+def judge(tok, source: int, target: int, generated: list[int]) -> tuple[str, str | None]:
+    """(official outcome, strict outcome or None when undecided: unterminated) of a generated token list."""
+    official, strict = OfficialOutcome(tok, source, target), StrictOutcome(tok, source, target)
+    for token in generated:
+        official.feed(token)
+        strict.feed(token)
+    official.finish()
+    return official.outcome, strict.outcome
+
+
 @torch.no_grad()
 def decode_pairs(model, world, pairs, temperature: float = 0.0, seed: int = 0, batch_size: int = 256,
                  max_moves: int | None = None) -> list[dict]:
-    """Decode every pair; one record per pair: outcome, generated tokens, walk."""
+    """Decode every pair; one record per pair: ``outcome`` (official), ``outcome_strict``, ``unterminated``
+    (strict: no decision within the budget), the generated tokens and the strict walk. A sequence is decoded
+    until both definitions have decided, or for max_moves + 1 tokens."""
     tok = world.tokenizer
     max_moves = world.graph.num_nodes - 1 if max_moves is None else max_moves
     device = model_device(model)
@@ -52,9 +130,8 @@ def decode_pairs(model, world, pairs, temperature: float = 0.0, seed: int = 0, b
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start:start + batch_size]
         tokens = torch.tensor([[s, t] for s, t in batch], dtype=torch.long, device=device)
-        current = [s for s, _ in batch]
-        outcome: list[str | None] = [None] * len(batch)
-        walks = [[s] for s, _ in batch]
+        official = [OfficialOutcome(tok, s, t) for s, t in batch]
+        strict = [StrictOutcome(tok, s, t) for s, t in batch]
         generated: list[list[int]] = [[] for _ in batch]
         active = list(range(len(batch)))  # rows still decoding; finished rows leave the batch
         for _ in range(max_moves + 1):  # up to max_moves moves, then one more chance to stop
@@ -62,19 +139,9 @@ def decode_pairs(model, world, pairs, temperature: float = 0.0, seed: int = 0, b
             still = []
             for r, (i, token) in enumerate(zip(active, nxt.tolist())):
                 generated[i].append(token)
-                target = batch[i][1]
-                if token == tok.eos_id:
-                    outcome[i] = "success" if current[i] == target else "wrong_target"
-                elif not tok.is_move_token(token):
-                    outcome[i] = "invalid_format"
-                else:
-                    reached = tok.step(current[i], token)
-                    if reached is None:
-                        outcome[i] = "illegal_edge"
-                    else:
-                        current[i] = reached
-                        walks[i].append(reached)
-                if outcome[i] is None:
+                official[i].feed(token)
+                strict[i].feed(token)
+                if official[i].outcome is None or strict[i].outcome is None:
                     still.append(r)
             if not still:
                 break
@@ -82,20 +149,30 @@ def decode_pairs(model, world, pairs, temperature: float = 0.0, seed: int = 0, b
             tokens = torch.cat([tokens[keep], nxt[keep, None]], dim=1)
             active = [active[r] for r in still]
         for i, (s, t) in enumerate(batch):
-            records.append({"pair": (s, t), "outcome": outcome[i] or "wrong_target",
-                            "unterminated": outcome[i] is None, "tokens": generated[i], "walk": walks[i]})
+            official[i].finish()
+            records.append({"pair": (s, t), "outcome": official[i].outcome,
+                            "outcome_strict": strict[i].outcome or "wrong_target",
+                            "unterminated": strict[i].outcome is None, "tokens": generated[i],
+                            "walk": strict[i].walk})
     return records
+
+
+def outcome_rates(outcomes: list[str]) -> dict:
+    """The share and count of each of OUTCOMES."""
+    counts = {o: sum(x == o for x in outcomes) for o in OUTCOMES}
+    n = len(outcomes)
+    return {**{o: counts[o] / n if n else float("nan") for o in OUTCOMES}, "counts": counts}
 
 
 def evaluate_paths(model, world, max_pairs: int | None = None, temperature: float = 0.0, seed: int = 0,
                    batch_size: int = 256, max_moves: int | None = None) -> dict:
-    """Rates and counts of the four outcomes over the held-out pairs (see the module docstring)."""
+    """Rates and counts of the four outcomes over the held-out pairs (``max_pairs`` None or 0: all of them, as
+    test_accuracy.py decodes every line of its held-out file): the official definition at the top level, the
+    strict one under ``strict`` (see the module docstring)."""
     pairs = select_pairs(world.heldout_pairs, max_pairs, seed)
     records = decode_pairs(model, world, pairs, temperature, seed, batch_size, max_moves)
-    counts = {o: sum(r["outcome"] == o for r in records) for o in OUTCOMES}
-    n = len(records)
-    result = {o: counts[o] / n if n else float("nan") for o in OUTCOMES}
-    result.update({"pairs": n, "counts": counts, "unterminated": sum(r["unterminated"] for r in records),
-                   "temperature": temperature,
+    result = outcome_rates([r["outcome"] for r in records])
+    result.update({"strict": outcome_rates([r["outcome_strict"] for r in records]), "pairs": len(records),
+                   "unterminated": sum(r["unterminated"] for r in records), "temperature": temperature,
                    "max_moves": world.graph.num_nodes - 1 if max_moves is None else max_moves})
     return result

@@ -16,17 +16,18 @@ from pathlib import Path
 from ds_mtp.errors import UserError
 from ds_mtp.evaluate.common import max_length
 
-# The papers' sizes (LSE-MTP paper: 1,000 trials per belief group, 5,000 ISP triples; Vafa et al.:
-# 100 trials, 30 / 5 suffix samples, suffixes of length 5, epsilon 0.01, detour p in {0.01, 0.1}).
+# The papers' sizes (LSE-MTP's official scripts: every held-out pair decoded at temperature 0.8, 5,000 ISP
+# triples, 1,000 Structure Gain paths, 1,000 trials per belief group; Vafa et al.: 100 trials, 30 / 5 suffix
+# samples, suffixes of length 5, epsilon 0.01, detour p in {0.01, 0.1}).
 DEFAULT_SCALE: dict = {
-    "path_pairs": 1000,            # held-out pairs decoded greedily and by sampling
+    "path_pairs": 0,               # held-out pairs decoded greedily and by sampling; 0 = all (test_accuracy.py)
     "sample_temperature": 0.8,     # the sampled decoding's temperature
     "isp_triples": 5000,           # (a, b, g) triples for ISP and legal-step probability
-    "structure_sequences": 2000,   # held-out shortest paths whose states Structure Gain compares
-    "structure_pairs": 5000,       # state pairs per group (shared k-ahead token, random)
+    "structure_sequences": 1000,   # held-out shortest paths whose states Structure Gain compares
     "structure_ks": [2, 3],        # k of Structure Gain
     "belief_trials": 1000,         # prefix pairs per belief group
-    "belief_read_at": "last",      # prefix token whose state is compared: last | second_to_last (paper's script)
+    "belief_prefixes": "reverse_walk",     # reverse_walk (the official script) | shortest_path (ds-mtp's variant)
+    "belief_read_at": "second_to_last",    # state compared: second_to_last (the official script) | last
     "validity_sequences": 1000,    # held-out shortest paths for next-token validity
     "probe_sequences": 2000,       # held-out shortest paths whose states train / test the probe
     "probe_epochs": 100,           # passes of the probe's optimiser
@@ -47,7 +48,7 @@ DEFAULT_SCALE: dict = {
 # Seconds on a CPU for a small world: for tests and smoke runs, not for conclusions.
 QUICK_SCALE: dict = {
     **DEFAULT_SCALE,
-    "path_pairs": 40, "isp_triples": 200, "structure_sequences": 60, "structure_pairs": 300, "belief_trials": 40,
+    "path_pairs": 40, "isp_triples": 200, "structure_sequences": 60, "belief_trials": 40,
     "validity_sequences": 60, "probe_sequences": 60, "probe_epochs": 30, "compression_trials": 8,
     "compression_suffixes": 6, "distinction_trials": 8, "distinction_suffixes": 3, "detour_trials": 20,
     "detour_probs": [0.1], "detour_types": ["random_valid"], "max_len": 64,
@@ -93,10 +94,10 @@ def _run_metric(name: str, model, world, sc: dict, seed: int, max_len: int) -> d
         return paper.illegal_shortcuts(model, world, sc["isp_triples"], **common)
     if name == "structure":
         return paper.structure_gain(model, world, tuple(sc["structure_ks"]), sc["structure_sequences"],
-                                    sc["structure_pairs"], max_len=max_len, **common)
+                                    max_len=max_len, **common)
     if name == "belief":
         return paper.belief_similarity(model, world, sc["belief_trials"], max_len=max_len,
-                                       read_at=sc["belief_read_at"], **common)
+                                       prefixes=sc["belief_prefixes"], read_at=sc["belief_read_at"], **common)
     if name == "validity":
         return vafa.next_token_validity(model, world, sc["validity_sequences"], max_len=max_len, **common)
     if name == "probe":
@@ -159,8 +160,9 @@ def headline(results: dict) -> dict[str, float]:
         for mode in ("greedy", "sampled"):
             for outcome in ("success", "illegal_edge", "wrong_target", "invalid_format"):
                 out[f"{'path_success' if outcome == 'success' else outcome}_{mode}"] = m["paths"][mode][outcome]
+            out[f"path_success_strict_{mode}"] = m["paths"][mode]["strict"]["success"]
     if "shortcuts" in m:
-        for key in ("isp", "legal_step_probability", "legal_mass"):
+        for key in ("isp", "legal_step_probability", "mean_legal_move_probability"):
             out[key] = m["shortcuts"][key]
     if "structure" in m:
         for key, value in m["structure"].items():

@@ -73,10 +73,11 @@ def sample_pairs(graph: Graph, num_pairs: int, rng: np.random.Generator) -> list
 
 
 def split_pairs(pairs, heldout_fraction: float, rng: np.random.Generator):
-    """Shuffle distinct pairs and cut off ``round(heldout_fraction * len)`` as held-out (both sorted)."""
+    """Shuffle distinct pairs and keep ``int((1 - heldout_fraction) * len)`` for training, the rest held out (both
+    sorted): generate_dataset.py's cut, int(len * train_ratio)."""
     pairs = sorted(set(pairs))
     order = rng.permutation(len(pairs))
-    n_held = int(round(heldout_fraction * len(pairs)))
+    n_held = len(pairs) - int((1 - heldout_fraction) * len(pairs))
     heldout = sorted(pairs[i] for i in order[:n_held])
     train = sorted(pairs[i] for i in order[n_held:])
     return train, heldout
@@ -100,9 +101,10 @@ def top_k_shortest_paths(nx_graph: nx.DiGraph, source: int, target: int, k: int)
 def detour_path(nx_graph: nx.DiGraph, path: list[int], rng: np.random.Generator) -> list[int] | None:
     """Shortest path from path[0] to path[-1] avoiding one random intermediate node of ``path``.
 
-    None when the path has no intermediate node or the avoided node cuts the target off.
+    None when the path has fewer than two intermediate nodes (as in the paper's generate_dataset.py, which
+    detours only around shortest paths of more than 3 nodes) or the avoided node cuts the target off.
     """
-    if len(path) < 3:
+    if len(path) <= 3:
         return None
     avoided = path[1 + int(rng.integers(len(path) - 2))]
     view = nx.restricted_view(nx_graph, [avoided], [])
@@ -118,10 +120,12 @@ def recovery_path(graph: Graph, source: int, target: int, rng: np.random.Generat
 
     The first step may move away from the target (that is the point: the model learns to recover);
     the result is a legal walk but not necessarily simple. None when the chosen neighbour cannot
-    reach the target. ``parents_to_target`` caches, per target, each node's next hop towards it.
+    reach the target, or when ``source`` has a single successor (then the step is no wrong turn; the paper's
+    generate_dataset.py makes recoveries only from nodes with more than one). ``parents_to_target`` caches,
+    per target, each node's next hop towards it.
     """
     successors = graph.successors(source)
-    if not successors:
+    if len(successors) < 2:
         return None
     first = successors[int(rng.integers(len(successors)))]
     if target not in parents_to_target:

@@ -99,9 +99,9 @@ def usg(n: int = 100, density: float = 0.3, seed: int = 0) -> Graph:
     """The paper's undirected spatial graph, with every edge in both directions.
 
     ``n`` uniform points in the unit square are Delaunay-triangulated; the graph is the Euclidean
-    minimum spanning tree of the triangulation plus a random ``density`` fraction (rounded) of the
-    remaining Delaunay edges. Node ids are assigned in (x, y) order so that nearby ids tend to be
-    nearby points.
+    minimum spanning tree of the triangulation plus a random ``density`` fraction of the remaining
+    Delaunay edges, the count truncated as the paper's generate_dataset.py does (int(density × remaining)).
+    Node ids are assigned in (x, y) order so that nearby ids tend to be nearby points.
     """
     from scipy.spatial import Delaunay
 
@@ -122,7 +122,7 @@ def usg(n: int = 100, density: float = 0.3, seed: int = 0) -> Graph:
         (a, b, float(np.linalg.norm(points[a] - points[b]))) for a, b in sorted(undirected))
     tree = {tuple(sorted(e)) for e in nx.minimum_spanning_edges(weighted, algorithm="kruskal", data=False)}
     remaining = sorted(undirected - tree)
-    chosen = rng.choice(len(remaining), size=int(round(density * len(remaining))), replace=False)
+    chosen = rng.choice(len(remaining), size=int(density * len(remaining)), replace=False)
     kept = tree | {remaining[i] for i in chosen}
     edges = [(a, b) for a, b in kept] + [(b, a) for a, b in kept]
     return Graph(n, edges, positions=[(float(x), float(y)) for x, y in points])
