@@ -113,7 +113,8 @@ def test_pipeline_layers_decay_what_the_model_decays(token_data, tied):
     the same rule as MTPModel: no decay on the token or position embedding, tied or not, nor the unembedding."""
     cfg = _config(token_data, ["model.mtp_k=3", "model.positions=learned", f"model.tie_embeddings={tied}"])
     model = MTPModel(cfg.model, cfg.objective)
-    _, tied_modules = _run_layers(layer_specs(LayerSource(model), cfg.model.n_layer), torch.zeros(1, 4).long())
+    inputs = (torch.zeros(1, 4).long(), torch.zeros(1, 4).long())  # tokens, doc_ids
+    _, tied_modules = _run_layers(layer_specs(LayerSource(model), cfg.model.n_layer), inputs)
     specs = layer_specs(LayerSource(model), cfg.model.n_layer)
     layers = torch.nn.ModuleList(tied_modules["embed"] if spec.__class__.__name__ == "TiedLayerSpec" else spec.build()
                                  for spec in specs)
