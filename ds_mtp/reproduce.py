@@ -77,32 +77,39 @@ class Scale:
     """Ranks per training run when --nproc is not given (0 = one per GPU, at least 1)."""
     manhattan_pairs: int = 20_000
     """Origin/destination pairs sampled on graphs too large to use every pair (Manhattan)."""
+    sampling: str = "packed_documents"
+    """data.sampling of the runs: whole paths packed into windows (masked), or "document" (one padded path per
+    row, the paper's batches)."""
     description: str = ""
 
     def to_dict(self) -> dict:
         return {"name": self.name, "train": list(self.train), "eval_scale": self.eval_scale,
-                "global_batch": self.global_batch, "nproc": self.nproc, "manhattan_pairs": self.manhattan_pairs}
+                "global_batch": self.global_batch, "nproc": self.nproc, "manhattan_pairs": self.manhattan_pairs,
+                "sampling": self.sampling}
 
 
 SCALES = {
-    # Sized so that usg with 3 seeds (9 runs) finishes within 30 minutes on 2 CPU cores (docs/benchmarks.md).
-    "cpu": Scale("cpu", ["model.preset=paper-graph", "train.max_steps=500", "train.lr=2e-3", "train.min_lr_ratio=0.1",
-                         "train.warmup_steps=30", "train.weight_decay=0.1", "train.grad_clip=1.0",
-                         "train.beta1=0.9", "train.beta2=0.95", "train.precision=fp32", "train.log_every=100"],
+    # The recipe measured in docs/results.md: on USG every method's held-out ce_1 is within 5% of the others' by
+    # step 1200 (32 packed windows of 24 tokens, ~72 paths, per step). ZeRO-1: for this 1.1M-parameter model ZeRO-3's
+    # per-parameter gathers cost more than the compute on a CPU (docs/benchmarks.md). 3 seeds fit 45 minutes.
+    "cpu": Scale("cpu", ["model.preset=paper-graph", "train.max_steps=1200", "train.lr=2e-3", "train.min_lr_ratio=0.1",
+                         "train.weight_decay=0.1", "train.grad_clip=1.0", "train.beta1=0.9", "train.beta2=0.95",
+                         "train.precision=fp32", "train.zero_stage=1", "train.log_every=200", "train.eval_every=100"],
                  # the papers' trial counts, except Vafa et al.'s compression / distinction trials (the slow ones)
-                 eval_scale={"compression_trials": 20, "distinction_trials": 40}, global_batch=64, nproc=1,
+                 eval_scale={"compression_trials": 20, "distinction_trials": 40}, global_batch=32, nproc=1,
                  manhattan_pairs=20_000,
-                 description="the paper's model (6L/6H/d=120), 500 steps of 64 windows of whole paths, lr 2e-3 cosine, fp32; "
-                             "evaluation at the papers' sizes except 20 compression and 40 distinction trials"),
+                 description="the paper's model (6L/6H/d=120), 1200 steps of 32 windows of whole paths (packed, "
+                             "masked), lr 2e-3 cosine, fp32, ZeRO-1; evaluation at the papers' sizes except 20 "
+                             "compression and 40 distinction trials"),
     # The paper's set-up (Zhong et al., appendix): batch 1024, 20k steps, lr 5e-4 -> 5e-5 cosine after 1k warm-up,
     # AdamW(0.9, 0.95), weight decay 0.1, clip 1.0, bf16 on GPU.
     "paper": Scale("paper", ["model.preset=paper-graph", "train.max_steps=20000", "train.lr=5e-4",
                              "train.min_lr_ratio=0.1", "train.warmup_steps=1000", "train.weight_decay=0.1",
                              "train.grad_clip=1.0", "train.beta1=0.9", "train.beta2=0.95", "train.precision=auto",
-                             "train.save_every=2000", "train.log_every=1000"],
-                   eval_scale="default", global_batch=1024, nproc=0, manhattan_pairs=200_000,
-                   description="the paper's set-up: 6L/6H/d=120, batch 1024, 20k steps, lr 5e-4 -> 5e-5 cosine "
-                               "after 1k warm-up, AdamW(0.9, 0.95), wd 0.1, clip 1.0, bf16 on GPU"),
+                             "train.save_every=2000", "train.log_every=1000", "train.eval_every=1000"],
+                   eval_scale="default", global_batch=1024, nproc=0, manhattan_pairs=200_000, sampling="document",
+                   description="the paper's set-up: 6L/6H/d=120, batch 1024 paths (one per padded row), 20k steps, "
+                               "lr 5e-4 -> 5e-5 cosine after 1k warm-up, AdamW(0.9, 0.95), wd 0.1, clip 1.0, bf16 on GPU"),
 }
 
 
@@ -166,6 +173,37 @@ def format_cell(stat: dict | None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Convergence: methods are compared only once each has learned the task.
+
+CONVERGENCE_TOLERANCE = 0.10
+"""Two methods are compared only when their held-out ce_1 are within this fraction of each other."""
+HELDOUT_CE = "heldout_ce_1"
+"""The metric name of a run's last held-out next-token cross-entropy (metrics.jsonl's eval_ce_1)."""
+
+
+def final_heldout_ce(rows: list[dict]) -> float:
+    """The last eval_ce_1 of a run's metrics rows (NaN when the run never evaluated)."""
+    values = [r["eval_ce_1"] for r in rows if r.get("eval_ce_1") is not None]
+    return values[-1] if values else float("nan")
+
+
+def unconverged(heldout_ce: dict[str, float], tolerance: float = CONVERGENCE_TOLERANCE) -> dict[str, str]:
+    """{name: one line} for each method whose held-out ce_1 is more than ``tolerance`` above the lowest of
+    ``heldout_ce`` ({display name: held-out ce_1}), or unknown: a comparison with it would set a model still
+    learning the task against a trained one."""
+    known = {name: ce for name, ce in heldout_ce.items() if math.isfinite(ce)}
+    lines = {name: f"{name} has no held-out ce_1 (trained without train.eval_every), so it is compared with nothing"
+             for name in heldout_ce if name not in known}
+    if known:
+        best = min(known, key=known.get)
+        for name, ce in known.items():
+            if ce > (1 + tolerance) * known[best]:
+                lines[name] = (f"{name} has not converged: held-out ce_1 {ce:.3f} is {ce / known[best]:.2f}x "
+                               f"{best}'s {known[best]:.3f} (more than {tolerance:.0%} above)")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 # The paper's findings, checked on the means (and whether the 95% CIs separate).
 
 # Metric groups of the report: (title, what the metric names start with).
@@ -202,7 +240,13 @@ FINDINGS = [
 
 
 def check_finding(finding: Finding, summary: dict) -> str:
-    """One line: holds / does not hold (on the means), with whether the CIs are disjoint."""
+    """One line: holds / does not hold (on the means), with whether the CIs are disjoint; or not judged, when
+    a method it compares has not converged (CONVERGENCE_TOLERANCE)."""
+    involved = sorted({x for a, _, b in finding.chain for x in (a, b)})
+    lagging = unconverged({METHODS[k].name: summary.get(k, {}).get(HELDOUT_CE, {}).get("mean", float("nan"))
+                           for k in involved if k in summary})
+    if lagging:
+        return f"- {finding.text}: **not judged** — {'; '.join(lagging.values())}"
     metric = next((m for m in finding.metric_candidates
                    if all(m in summary.get(a, {}) and m in summary.get(b, {}) for a, _, b in finding.chain)), None)
     if metric is None:
@@ -264,7 +308,8 @@ def plot_metric_bars(summary: dict, methods: list[str], path: Path) -> Path:
 
 
 def plot_training_curves(runs: list[dict], methods: list[str], out_dir: Path, path: Path) -> Path:
-    """Next-token cross-entropy (comparable across methods) and total loss per step, one line per run."""
+    """Held-out next-token cross-entropy (eval_ce_1: what convergence is judged on), training ce_1 and total
+    loss per step, one line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,7 +317,7 @@ def plot_training_curves(runs: list[dict], methods: list[str], out_dir: Path, pa
 
     from ds_mtp.monitor import read_metrics
 
-    fig, (ax_ce, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax_held, ax_ce, ax_loss) = plt.subplots(1, 3, figsize=(14, 3.6))
     colors = dict(zip(METHODS, ["#4c72b0", "#dd8452", "#55a868"]))
     for key in methods:
         for i, run in enumerate(r for r in runs if r["method"] == key):
@@ -281,9 +326,13 @@ def plot_training_curves(runs: list[dict], methods: list[str], out_dir: Path, pa
                 continue
             steps = [r["step"] for r in rows]
             label = METHODS[key].name if i == 0 else None
+            evals = [(r["step"], r["eval_ce_1"]) for r in rows if r.get("eval_ce_1") is not None]
+            if evals:
+                ax_held.plot(*zip(*evals), color=colors[key], alpha=0.8, lw=1, marker=".", label=label)
             ax_ce.plot(steps, [r["ce_1"] for r in rows], color=colors[key], alpha=0.8, lw=1, label=label)
             ax_loss.plot(steps, [r["loss"] for r in rows], color=colors[key], alpha=0.8, lw=1, label=label)
-    for ax, title in ((ax_ce, "next-token cross-entropy ce_1"), (ax_loss, "total training loss")):
+    for ax, title in ((ax_held, "held-out next-token cross-entropy (eval_ce_1)"),
+                      (ax_ce, "training next-token cross-entropy ce_1"), (ax_loss, "total training loss")):
         ax.set_xlabel("optimizer step")
         ax.set_title(title, fontsize=9)
         ax.set_yscale("log")
@@ -377,7 +426,7 @@ def run_overrides(scale: Scale, method: Method, k: int, seed: int, world_dir: Pa
                   user: list[str]) -> list[str]:
     """The `ds-mtp train` overrides of one run: scale, data, batch, method, seed, then the user's."""
     micro = max(1, scale.global_batch // nproc)
-    return [*scale.train, f"data.path={world_dir}", "data.sampling=packed_documents", f"train.seq_len={seq_len}",
+    return [*scale.train, f"data.path={world_dir}", f"data.sampling={scale.sampling}", f"train.seq_len={seq_len}",
             f"model.max_seq_len={max(64, 2 * seq_len)}", f"train.micro_batch={micro}", *method.overrides(k),
             f"train.seed={seed}", *user]
 
@@ -541,6 +590,7 @@ def reproduce(world: str, methods: list[str], seeds: int, scale: str | Scale, ou
         results, metrics = evaluate_model(model, world_obj, scale.eval_scale, seed)
         eval_seconds = time.perf_counter() - eval_started
         rows = read_metrics(run_dir / "metrics.jsonl")
+        metrics[HELDOUT_CE] = final_heldout_ce(rows)
         record = {"method": key, "name": method.name, "seed": seed, "k": k if method.multi_token else 1,
                   "lambda": method.lam, "run_dir": str(Path("runs") / name), "train_seconds": train_seconds,
                   "eval_seconds": eval_seconds, "steps": rows[-1]["step"] if rows else 0,
@@ -614,11 +664,20 @@ def render_report(doc: dict, methods: list[str], scale: Scale, plots: list[Path]
         lines += [f"| {m} | " + " | ".join(format_cell(summary.get(k, {}).get(m)) for k in methods) + " |"
                   for m in names]
         lines.append("")
-    lines += ["## The paper's findings", "",
+    lines += ["## Convergence", "",
+              f"Methods are compared only when their held-out next-token cross-entropy (`{HELDOUT_CE}`, the mean "
+              f"over seeds of each run's last evaluation) is within {CONVERGENCE_TOLERANCE:.0%} of each other's.", ""]
+    lagging = unconverged({METHODS[k].name: summary.get(k, {}).get(HELDOUT_CE, {}).get("mean", float("nan"))
+                           for k in methods})
+    lines += [f"- {METHODS[k].name}: held-out ce_1 {format_cell(summary.get(k, {}).get(HELDOUT_CE))}"
+              + (f" — {lagging[METHODS[k].name]}" if METHODS[k].name in lagging else " — converged")
+              for k in methods]
+    lines += ["", "## The paper's findings", "",
               "Checked on the means over seeds; a finding counts as firmly reproduced only where the 95% CIs "
-              "are disjoint.", ""]
+              "are disjoint, and is not judged where a method it compares has not converged.", ""]
     lines += [check_finding(f, summary) for f in FINDINGS]
-    lines += ["", "The paper reports (ER / USG): ISP 2.7e-5 / 2.2e-5 (NTP), 7.8e-5 / 7.3e-5 (MTP), 2.1e-5 / 1.8e-5 "
+    lines += ["", "The paper's figures, as a third-party note of its tables gives them (not checked against the "
+              "paper's PDF): (ER / USG) ISP 2.7e-5 / 2.2e-5 (NTP), 7.8e-5 / 7.3e-5 (MTP), 2.1e-5 / 1.8e-5 "
               "(LSE-MTP, K=3); same-goal same-node similarity 0.29 / 0.22, 0.44 / 0.32, 0.46 / 0.38 (K=4).", ""]
     lines += ["## Plots", ""]
     lines += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots]

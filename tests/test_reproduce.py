@@ -6,13 +6,13 @@ import pytest
 
 from ds_mtp.cli import main
 from ds_mtp.evaluate.suite import QUICK_SCALE
-from ds_mtp.reproduce import (FINDINGS, Scale, check_finding, mean_ci, reproduce, run_state, summarize,
-                              t_critical)
+from ds_mtp.reproduce import (FINDINGS, Scale, check_finding, final_heldout_ce, mean_ci, reproduce, run_state,
+                              summarize, t_critical, unconverged)
 from ds_mtp.worlds import make_world
 
 # A few steps of the tiny model: enough to exercise every stage, not to learn the world.
 TINY = Scale("tiny", ["model.preset=tiny", "model.n_layer=1", "model.d_model=32", "train.max_steps=4",
-                      "train.lr=3e-3", "train.log_every=2"],
+                      "train.lr=3e-3", "train.log_every=2", "train.eval_every=2", "train.eval_batches=2"],
              eval_scale={**QUICK_SCALE, "path_pairs": 12, "isp_triples": 50, "belief_trials": 10, "probe_epochs": 5},
              global_batch=8, nproc=1, description="test scale")
 
@@ -35,7 +35,7 @@ def test_t_critical_and_mean_ci_match_hand_values():
 
 
 def test_summary_and_findings():
-    runs = [{"method": m, "seed": s, "metrics": {"isp": v}} for m, vals in
+    runs = [{"method": m, "seed": s, "metrics": {"isp": v, "heldout_ce_1": 0.7 + 0.01 * s}} for m, vals in
             {"ntp": [2.0, 2.2], "mtp": [7.0, 7.4], "lse-mtp": [1.0, 1.1]}.items() for s, v in enumerate(vals)]
     summary = summarize(runs, ["ntp", "mtp", "lse-mtp"])
     assert summary["mtp"]["isp"]["mean"] == pytest.approx(7.2)
@@ -50,6 +50,20 @@ def test_summary_and_findings():
     assert "no confidence interval" in check_finding(isp, one_seed)
     sg = next(f for f in FINDINGS if "Structure" in f.text)
     assert "not tested" in check_finding(sg, summary)
+    # A method still learning the task is compared with nothing: one line says which.
+    summary["ntp"]["isp"]["mean"] = 2.1
+    summary["mtp"]["heldout_ce_1"]["mean"] = 0.8  # 1.14x the others
+    line = check_finding(isp, summary)
+    assert line.count("\n") == 0 and "**not judged**" in line and "MTP has not converged" in line and "1.13x" in line
+
+
+def test_unconverged_names_each_method_above_the_tolerance():
+    assert unconverged({"NTP": 1.0, "MTP": 1.09, "LSE-MTP": 1.05}) == {}
+    lagging = unconverged({"NTP": 1.0, "MTP": 2.6, "LSE-MTP": float("nan")})
+    assert set(lagging) == {"MTP", "LSE-MTP"} and "2.60x NTP's 1.000" in lagging["MTP"]
+    assert "no held-out ce_1" in lagging["LSE-MTP"]
+    assert final_heldout_ce([{"step": 1, "eval_ce_1": 2.0}, {"step": 2}, {"step": 3, "eval_ce_1": 1.5}]) == 1.5
+    assert math.isnan(final_heldout_ce([{"step": 1}]))
 
 
 @pytest.mark.slow
@@ -68,6 +82,8 @@ def test_reproduce_report_plots_and_resume(tmp_path, tiny_world, capsys):
         12.7062 * np.std(values, ddof=1) / math.sqrt(2), rel=1e-4, abs=1e-12)
     report = (out / "report.md").read_text()
     assert "| metric | NTP | LSE-MTP |" in report and "## The paper's findings" in report
+    assert "## Convergence" in report and "- NTP: held-out ce_1 " in report
+    assert all(math.isfinite(r["metrics"]["heldout_ce_1"]) for r in doc["runs"])
     assert f"| {metric} |" in report and " ± " in report
     for png in ("plots/metrics.png", "plots/training.png"):
         assert f"]({png})" in report

@@ -172,6 +172,11 @@ def headline(results: dict) -> dict[str, float]:
         b = m["belief"]
         for group in ("same_node_same_goal", "same_node_diff_goal", "diff_node_same_goal", "diff_node_diff_goal"):
             out[f"belief_{group}"] = b[group]["cosine"]
+        baseline = b["diff_node_diff_goal"]["cosine"]
+        for group in ("same_node_same_goal", "same_node_diff_goal", "diff_node_same_goal"):
+            # Above the different-node / different-goal pairs: a model whose states are all alike scores 0 here.
+            if b[group]["cosine"] is not None and baseline is not None:
+                out[f"belief_{group}_minus_baseline"] = b[group]["cosine"] - baseline
         out["goal_distinction"] = b["goal_distinction"]
         out["node_distinction"] = b["node_distinction"]
     if "validity" in m:
