@@ -101,6 +101,10 @@ class ObjectiveConfig:
     chunk_rows: int = 0
     """Rows decoded at once by the chunked loss; 0 = auto (a chunk's logits about the size of the decoded
     hidden states: rows × d_model / vocab_size, at least 256)."""
+    curriculum: int = 0
+    """A forward curriculum over this many optimizer steps (Aynaou et al., ACL 2025): head 1 trains alone at first,
+    and heads 2..K switch on one at a time, evenly, the last at this step (ds_mtp.objective.active_heads); a head
+    not yet on weighs 0 in all three terms. 0 = every head from the start, the paper's setting."""
     mse_normalization: str = "valid"
     """What the latent and semantic terms divide their sums by: "valid" (the number of valid positions V_k, so
     padding neither enters nor dilutes them) or "official" (every position of the rows, B × (T − k) for the latent
@@ -353,6 +357,9 @@ def validate(cfg: RunConfig) -> None:
                         f"(got '{o.mse_normalization}')")
     if o.chunk_rows < 0:
         raise UserError(f"objective.chunk_rows must be 0 (auto) or positive (got {o.chunk_rows})")
+    if o.curriculum < 0 or (o.curriculum and m.mtp_k == 1):
+        raise UserError(f"objective.curriculum={o.curriculum}: a number of steps (0 = off) over which heads 2..K "
+                        f"switch on, so it needs model.mtp_k > 1 (got {m.mtp_k}) and cannot be negative")
     if o.head_weights is not None and len(o.head_weights) != m.mtp_k:
         raise UserError(f"objective.head_weights has {len(o.head_weights)} entries, expected K={m.mtp_k}")
     if t.pipeline_stages < 1:

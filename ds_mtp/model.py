@@ -294,6 +294,8 @@ class MTPModel(nn.Module):
     def __init__(self, cfg: ModelConfig, objective: ObjectiveConfig | None = None, pad_id: int | None = None):
         super().__init__()
         self.cfg, self.objective, self.pad_id = cfg, objective or ObjectiveConfig(), pad_id
+        self.active_heads: int | None = None
+        """Heads counted by the loss (objective.curriculum: the training loop sets it every step); None = all K."""
         self.embed = TokenEmbedding(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.heads = OutputHeads(cfg)
@@ -356,7 +358,8 @@ class MTPModel(nn.Module):
                             lambda_latent=o.lambda_latent, lambda_semantic=o.lambda_semantic,
                             pad_id=self.pad_id, doc_ids=doc_ids, head_weights=o.head_weights,
                             distance=o.distance, loss_impl=o.loss_impl, chunk_rows=o.chunk_rows,
-                            mse_normalization=o.mse_normalization, latent_targets=latent_targets,
+                            mse_normalization=o.mse_normalization, active=self.active_heads,
+                            latent_targets=latent_targets,
                             latent_mask=latent_mask, latent_pred=latent_pred)
 
     @torch.no_grad()

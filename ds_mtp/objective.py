@@ -69,6 +69,15 @@ def _distance(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
 
 
 LOSS_IMPLS = ("materialized", "chunked")
+
+
+def active_heads(curriculum: int, K: int, step: int) -> int:
+    """Heads switched on at optimizer step ``step`` (0-based) under a forward curriculum of ``curriculum`` steps
+    (objective.curriculum; Aynaou et al., ACL 2025): head 1 always, then one more head every curriculum / (K−1)
+    steps, so head k switches on at step ⌈(k−1) · curriculum / (K−1)⌉ and head K at ``curriculum``. 0 = all K."""
+    if curriculum <= 0 or K == 1:
+        return K
+    return 1 + min(K - 1, step * (K - 1) // curriculum)
 MSE_NORMALIZATIONS = ("valid", "official")
 
 
@@ -77,6 +86,7 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
                  lambda_semantic: float = 0.1, pad_id: int | None = None,
                  doc_ids: torch.Tensor | None = None, head_weights=None, distance: str = "mse",
                  loss_impl: str = "materialized", chunk_rows: int = 0, mse_normalization: str = "valid",
+                 active: int | None = None,
                  latent_targets: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None,
                  latent_pred: torch.Tensor | None = None) -> dict:
     """LSE-MTP loss over K heads.
@@ -99,6 +109,9 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
     mse_normalization "valid" divides the latent and semantic sums by the valid positions (by the kept ones for
     the latent term under latent_mask); "official" by B × (T − k) and B × (T − 1), as the paper's code does
     (module docstring).
+
+    active (None = K): only heads 1..active count in the loss (a forward curriculum, ``active_heads``); the
+    terms of the others are still computed and returned, with weight 0.
     """
     if distance not in ("mse", "cosine"):
         raise ValueError(f"distance must be 'mse' or 'cosine', got {distance!r}")
@@ -108,7 +121,9 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
         raise ValueError(f"mse_normalization must be one of {MSE_NORMALIZATIONS}, got {mse_normalization!r}")
     B, T, d = hidden.shape
     K = 1 + (head_hidden.shape[1] if head_hidden is not None else 0)
-    weights = head_weights if head_weights is not None else [1.0] * K
+    weights = list(head_weights if head_weights is not None else [1.0] * K)
+    active = K if active is None else active
+    weights = [w if k <= active else 0.0 for k, w in enumerate(weights, start=1)]
     sg_hidden = hidden.detach()
     latent_width = d if latent_pred is None else latent_pred.shape[-1]
     if latent_pred is not None:
@@ -160,7 +175,8 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
             semantic_k = semantic_sum / count
         latent.append(latent_k)
         semantic.append(semantic_k)
-        loss = loss + lambda_latent * latent_k + lambda_semantic * semantic_k
+        if k <= active:
+            loss = loss + lambda_latent * latent_k + lambda_semantic * semantic_k
     if loss_impl == "materialized":
         ce, acc = [], []
         for p, y, n in zip(preds, targets, counts):

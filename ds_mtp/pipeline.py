@@ -138,6 +138,8 @@ class PipelineLoss:
         self.tied = cfg.model.tie_embeddings
         self.terms: list[torch.Tensor] = []
         self.eval_sums: list[torch.Tensor] | None = None
+        self.active_heads: int | None = None
+        """Heads counted by the loss (objective.curriculum: the training loop sets it every step); None = all K."""
 
     def __call__(self, outputs, labels):
         h, *head_outputs, unembed, embed = outputs
@@ -150,7 +152,8 @@ class PipelineLoss:
         out = lse_mtp_loss(h, head_hidden, tokens, unembed, embed, lambda_latent=o.lambda_latent,
                            lambda_semantic=o.lambda_semantic, pad_id=self.pad_id, doc_ids=doc_ids,
                            head_weights=o.head_weights, distance=o.distance, loss_impl=o.loss_impl,
-                           chunk_rows=o.chunk_rows, mse_normalization=o.mse_normalization, latent_targets=targets, latent_mask=mask,
+                           chunk_rows=o.chunk_rows, mse_normalization=o.mse_normalization, active=self.active_heads,
+                           latent_targets=targets, latent_mask=mask,
                            latent_pred=latent_pred)
         if self.eval_sums is not None:
             from ds_mtp.validation import head_sums

@@ -137,6 +137,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     from ds_mtp.engine import build_engine, consolidated_state_dict, init_distributed
     from ds_mtp.model import count_parameters, save_exported
     from ds_mtp.monitor import Monitor, model_flops_per_token, peak_memory_gib
+    from ds_mtp.objective import active_heads
     from ds_mtp.teacher import (connect_bridge, count_local_trainers, fill_latent_width, open_feed,
                                 run_teacher_rank, source_class, split_roles)
 
@@ -221,6 +222,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     for step in range(start_step, end_step):
         started = time.perf_counter()
         lr = engine.get_lr()[0]
+        heads_on = active_heads(cfg.objective.curriculum, K, step)
+        (loss_fn if pipeline else model).active_heads = heads_on
         if pipeline:  # the terms come from the last stage of each of the dp_size pipelines
             sums = train_step(engine, loss_fn, sampler, step, t.grad_accum, 1 + 4 * K, feed)
         else:
@@ -263,6 +266,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
                 row["mfu"] = row["tflops_per_gpu"] / t.peak_tflops
         if source_class(cfg) is not None:
             row["teacher_wait_s"] = maxima[1].item()
+        if cfg.objective.curriculum:
+            row["active_heads"] = heads_on
         eval_line = ""
         if validator is not None and validator.due(step + 1):  # after the step's timing: not in tokens_per_s
             evaluated, positions = validator.run(engine, world)
