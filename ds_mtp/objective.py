@@ -86,7 +86,7 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
                  lambda_semantic: float = 0.1, pad_id: int | None = None,
                  doc_ids: torch.Tensor | None = None, head_weights=None, distance: str = "mse",
                  loss_impl: str = "materialized", chunk_rows: int = 0, mse_normalization: str = "valid",
-                 active: int | None = None,
+                 active_heads: int | None = None,
                  latent_targets: torch.Tensor | None = None, latent_mask: torch.Tensor | None = None,
                  latent_pred: torch.Tensor | None = None) -> dict:
     """LSE-MTP loss over K heads.
@@ -110,7 +110,7 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
     the latent term under latent_mask); "official" by B × (T − k) and B × (T − 1), as the paper's code does
     (module docstring).
 
-    active (None = K): only heads 1..active count in the loss (a forward curriculum, ``active_heads``); the
+    active_heads (None = K): only heads 1..active_heads count in the loss (a forward curriculum, ``active_heads``); the
     terms of the others are still computed and returned, with weight 0.
     """
     if distance not in ("mse", "cosine"):
@@ -122,7 +122,9 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
     B, T, d = hidden.shape
     K = 1 + (head_hidden.shape[1] if head_hidden is not None else 0)
     weights = list(head_weights if head_weights is not None else [1.0] * K)
-    active = K if active is None else active
+    active = K if active_heads is None else active_heads
+    if not 1 <= active <= K:
+        raise ValueError(f"active_heads must be in 1..K={K}, got {active_heads}")
     weights = [w if k <= active else 0.0 for k, w in enumerate(weights, start=1)]
     sg_hidden = hidden.detach()
     latent_width = d if latent_pred is None else latent_pred.shape[-1]

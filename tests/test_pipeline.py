@@ -299,19 +299,3 @@ def test_two_stages_times_two_replicas(tmp_path, token_data):
     rows = read_metrics(run / "metrics.jsonl")
     assert [row["step"] for row in rows] == [1, 2, 3] and all(row["ce_2"] > 0 for row in rows)
 
-
-def test_pipeline_loss_counts_only_the_heads_switched_on(token_data):
-    """objective.curriculum through the pipeline: PipelineLoss.active_heads as MTPModel.active_heads."""
-    cfg = _config(token_data, ["model.mtp_k=3", "objective.lambda_latent=0.2"])
-    pad_id = read_meta(token_data).special_ids["pad"]
-    torch.manual_seed(0)
-    model = MTPModel(cfg.model, cfg.objective, pad_id)
-    batch = WindowSampler(TokenShards(token_data, "train"), 16, 4).batch(0)
-    model.active_heads = 2
-    reference = model(batch.tokens, batch.doc_ids)["loss"]
-    loss_fn = PipelineLoss(cfg, pad_id)
-    loss_fn.active_heads = 2
-    outputs, _ = _run_layers(layer_specs(LayerSource(model), cfg.model.n_layer), (batch.tokens, batch.doc_ids))
-    torch.testing.assert_close(loss_fn(outputs, (batch.tokens, batch.doc_ids)), reference)
-    loss_fn.active_heads = None
-    assert loss_fn(outputs, (batch.tokens, batch.doc_ids)) > reference
