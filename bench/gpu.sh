@@ -10,16 +10,8 @@
 # when $OUT is set, with the raw rows as JSON beside it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "error: installing .whl/*.whl failed"; exit 2; }
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  echo "warning: no .whl/ beside the source tree: the deepspeed part will fail (see the top of bench/gpu.sh)"
-  export PYTHONPATH=$PWD
-fi
-export TORCH_CUDA_ARCH_LIST=9.0 RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517
-export PYTHONUNBUFFERED=1
+source bench/gpu_env.sh
+export RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29517
 OUT_DIR=${OUT:-/tmp/gpu-bench}
 mkdir -p "$OUT_DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

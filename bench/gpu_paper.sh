@@ -14,15 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUDGET=${BUDGET:-420}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "error: installing .whl/*.whl failed"; exit 2; }
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  echo "warning: no .whl/ beside the source tree: deepspeed will be missing (see the top of bench/gpu_paper.sh)"
-  export PYTHONPATH=$PWD
-fi
-export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
+source bench/gpu_env.sh
 OUT_DIR=${OUT:-/tmp/gpu-paper}
 mkdir -p "$OUT_DIR"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
