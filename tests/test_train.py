@@ -122,3 +122,15 @@ def test_cpu_threads_share_the_node_between_its_ranks(env, cores, threads):
     from ds_mtp.train import cpu_threads
 
     assert cpu_threads(env, cores) == threads
+
+
+def test_free_port_and_the_next_are_below_the_ephemeral_range():
+    """Outgoing connections take local ports from the ephemeral range: a master port picked there could be
+    taken before a rank listens on it (EADDRINUSE with a teacher bridge on MASTER_PORT + 1)."""
+    from pathlib import Path
+
+    from ds_mtp.engine import free_port
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(20)]
+    assert all(1024 <= p and p + 1 < low for p in ports)
