@@ -152,7 +152,8 @@ class PipelineLoss:
         out = lse_mtp_loss(h, head_hidden, tokens, unembed, embed, lambda_latent=o.lambda_latent,
                            lambda_semantic=o.lambda_semantic, pad_id=self.pad_id, doc_ids=doc_ids,
                            head_weights=o.head_weights, distance=o.distance, loss_impl=o.loss_impl,
-                           chunk_rows=o.chunk_rows, mse_normalization=o.mse_normalization, active_heads=self.active_heads,
+                           chunk_rows=o.chunk_rows, mse_normalization=o.mse_normalization,
+                           active_heads=self.active_heads,
                            latent_targets=targets, latent_mask=mask,
                            latent_pred=latent_pred)
         if self.eval_sums is not None:

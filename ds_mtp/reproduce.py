@@ -90,8 +90,9 @@ class Scale:
 
 SCALES = {
     # The recipe measured in docs/results.md: on USG every method's held-out ce_1 comes within a few percent of the
-    # others' by step 1200-1600 (32 packed windows of 24 tokens, ~72 paths, per step). ZeRO-1: for this 1.1M-parameter model ZeRO-3's
-    # per-parameter gathers cost more than the compute on a CPU (docs/benchmarks.md). 3 seeds fit 45 minutes.
+    # others' by step 1200-1600 (32 packed windows of 24 tokens, ~72 paths, per step). ZeRO-1: for this
+    # 1.1M-parameter model ZeRO-3's per-parameter gathers cost more than the compute on a CPU
+    # (docs/benchmarks.md). 3 seeds take 32 minutes.
     "cpu": Scale("cpu", ["model.preset=paper-graph", "train.max_steps=1600", "train.lr=2e-3", "train.min_lr_ratio=0.1",
                          "train.weight_decay=0.1", "train.grad_clip=1.0", "train.beta1=0.9", "train.beta2=0.95",
                          "train.precision=fp32", "train.zero_stage=1", "train.log_every=200", "train.eval_every=100"],
