@@ -17,10 +17,10 @@ import time
 import torch
 
 from ds_mtp.config import PRESETS, ModelConfig
-from ds_mtp.evaluate.reference_models import LegalUniformOracle
-from ds_mtp.evaluate.suite import evaluate_all, headline
+from ds_mtp.experiments.evaluate.reference_models import LegalUniformOracle
+from ds_mtp.experiments.evaluate.suite import evaluate_all, headline
 from ds_mtp.model import MTPModel, load_exported
-from ds_mtp.worlds import load_world, make_world
+from ds_mtp.experiments.worlds import load_world, make_world
 
 
 def main() -> None:

@@ -65,7 +65,7 @@ def median_after(rows: list[dict], key: str, warmup: int) -> list[float]:
 
 
 def world_part(args, out: Path) -> list[dict]:
-    from ds_mtp.worlds import make_world
+    from ds_mtp.experiments.worlds import make_world
 
     world = args.world
     if world is None:

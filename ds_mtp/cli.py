@@ -57,14 +57,14 @@ def cmd_launch(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ds_mtp.demo import run_demo
+    from ds_mtp.experiments.demo import run_demo
 
     run_demo(args.run_dir, steps=args.steps, nproc=args.nproc, seed=args.seed)
     return 0
 
 
 def cmd_reproduce(args) -> int:
-    from ds_mtp.reproduce import parse_methods, reproduce
+    from ds_mtp.experiments.reproduce import parse_methods, reproduce
 
     command = (f"ds-mtp reproduce --world {args.world} --methods {args.methods} --seeds {args.seeds} --scale "
                f"{args.scale} --out {args.out} --k {args.k} --world-seed {args.world_seed}"
@@ -89,7 +89,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_world_make(args) -> int:
-    from ds_mtp.worlds import load_world, make_world, parse_params
+    from ds_mtp.experiments.worlds import load_world, make_world, parse_params
 
     out = make_world(args.world, args.dataset, args.out, seed=args.seed, overwrite=args.force,
                      **parse_params(args.params))
@@ -101,7 +101,7 @@ def cmd_world_make(args) -> int:
 
 
 def cmd_world_check(args) -> int:
-    from ds_mtp.worlds import check_sequences
+    from ds_mtp.experiments.worlds import check_sequences
 
     counts = check_sequences(args.graph, "direction" if args.format == "vafa" else args.format, args.file)
     width = max(len(k) for k in counts)
@@ -112,7 +112,7 @@ def cmd_world_check(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ds_mtp.evaluate.suite import format_table, run_eval
+    from ds_mtp.experiments.evaluate.suite import format_table, run_eval
 
     metrics = [m for item in args.metrics for m in item.split(",") if m] if args.metrics else None
     results = run_eval(args.model, args.world, args.out, metrics, args.scale, args.seed, args.device, args.set)
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trial counts: default = the papers' sizes, quick = a smoke test")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change one scale setting, e.g. --set path_pairs=200 --set detour_probs=[0.05] "
-                        "(keys: ds_mtp/evaluate/suite.py DEFAULT_SCALE)")
+                        "(keys: ds_mtp/experiments/evaluate/suite.py DEFAULT_SCALE)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--out", help="write the full results as JSON here")

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from ds_mtp.config import load_config
-from ds_mtp.demo import DEMO_METHODS, comparison_lines, demo_overrides
+from ds_mtp.experiments.demo import DEMO_METHODS, comparison_lines, demo_overrides
 
 
 def test_demo_runs_reproduces_cpu_recipe_on_two_ranks():

@@ -46,7 +46,7 @@ def export_model(path, vocab_size, max_seq_len=24):
 
 
 def test_eval_prints_a_table_and_writes_json(world_dir, tmp_path, capsys):
-    from ds_mtp.worlds import load_world
+    from ds_mtp.experiments.worlds import load_world
 
     vocab = load_world(world_dir).vocab_size
     run_dir = tmp_path / "run"

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from ds_mtp.evaluate.paper import belief_similarity, illegal_shortcuts, structure_gain
-from ds_mtp.evaluate.reference_models import LegalUniformOracle
-from ds_mtp.worlds import load_world, make_world
+from ds_mtp.experiments.evaluate.paper import belief_similarity, illegal_shortcuts, structure_gain
+from ds_mtp.experiments.evaluate.reference_models import LegalUniformOracle
+from ds_mtp.experiments.worlds import load_world, make_world
 
 
 @pytest.fixture(scope="module")

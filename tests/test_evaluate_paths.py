@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from ds_mtp.evaluate.paths import decode_pairs, evaluate_paths
-from ds_mtp.evaluate.reference_models import LegalUniformOracle, ShortestPathOracle, UniformModel
-from ds_mtp.worlds import load_world, make_world
-from ds_mtp.worlds.graphs import Graph
+from ds_mtp.experiments.evaluate.paths import decode_pairs, evaluate_paths
+from ds_mtp.experiments.evaluate.reference_models import LegalUniformOracle, ShortestPathOracle, UniformModel
+from ds_mtp.experiments.worlds import load_world, make_world
+from ds_mtp.experiments.worlds.graphs import Graph
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,8 @@ def test_sampling_is_seeded(world):
 def test_outcomes_on_a_hand_built_world():
     # 0 -> 1 -> 2 in a line; a scripted model plays one fixed continuation per pair
     g = Graph(3, [(0, 1), (1, 2), (1, 0), (2, 1)])
-    from ds_mtp.worlds import World
-    from ds_mtp.worlds.tokenize import IncrementTokenizer
+    from ds_mtp.experiments.worlds import World
+    from ds_mtp.experiments.worlds.tokenize import IncrementTokenizer
     tok = IncrementTokenizer(g)
     inc = lambda d: tok.token_id[f"inc_{d}"]  # noqa: E731
     scripts = {(0, 2): [inc(1), inc(1), tok.eos_id],  # success

@@ -8,10 +8,10 @@ import torch
 
 from ds_mtp.config import ModelConfig
 from ds_mtp.errors import UserError
-from ds_mtp.evaluate.reference_models import LegalUniformOracle, ShortestPathOracle, UniformModel
-from ds_mtp.evaluate.suite import DEFAULT_SCALE, METRICS, QUICK_SCALE, evaluate_all, headline
+from ds_mtp.experiments.evaluate.reference_models import LegalUniformOracle, ShortestPathOracle, UniformModel
+from ds_mtp.experiments.evaluate.suite import DEFAULT_SCALE, METRICS, QUICK_SCALE, evaluate_all, headline
 from ds_mtp.model import MTPModel, load_exported, save_exported
-from ds_mtp.worlds import load_world, make_world
+from ds_mtp.experiments.worlds import load_world, make_world
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from ds_mtp.evaluate.common import WorldIndex, suffix_valid, walk_nodes
-from ds_mtp.evaluate.reference_models import LegalUniformOracle, ShortestPathOracle, UniformModel
-from ds_mtp.evaluate.vafa import (compression_precision, detour_robustness, distinction, sample_continuations,
+from ds_mtp.experiments.evaluate.common import WorldIndex, suffix_valid, walk_nodes
+from ds_mtp.experiments.evaluate.reference_models import LegalUniformOracle, ShortestPathOracle, UniformModel
+from ds_mtp.experiments.evaluate.vafa import (compression_precision, detour_robustness, distinction, sample_continuations,
                                   sample_suffixes,
                                   state_probe, true_boundary)
-from ds_mtp.worlds import World, load_world, make_world
-from ds_mtp.worlds.graphs import Graph
-from ds_mtp.worlds.tokenize import IncrementTokenizer
+from ds_mtp.experiments.worlds import World, load_world, make_world
+from ds_mtp.experiments.worlds.graphs import Graph
+from ds_mtp.experiments.worlds.tokenize import IncrementTokenizer
 
 
 @pytest.fixture(scope="module")

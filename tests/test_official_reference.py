@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from ds_mtp.evaluate.paper import belief_cosines, shortcut_scores, structure_gain
-from ds_mtp.evaluate.paths import judge
-from ds_mtp.worlds import World
-from ds_mtp.worlds.graphs import Graph
-from ds_mtp.worlds.tokenize import IncrementTokenizer
+from ds_mtp.experiments.evaluate.paper import belief_cosines, shortcut_scores, structure_gain
+from ds_mtp.experiments.evaluate.paths import judge
+from ds_mtp.experiments.worlds import World
+from ds_mtp.experiments.worlds.graphs import Graph
+from ds_mtp.experiments.worlds.tokenize import IncrementTokenizer
 
 
 def code(token: str) -> float:

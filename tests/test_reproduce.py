@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from ds_mtp.cli import main
-from ds_mtp.evaluate.suite import QUICK_SCALE
-from ds_mtp.reproduce import (FINDINGS, Scale, check_finding, final_heldout_ce, mean_ci, reproduce, run_state,
+from ds_mtp.experiments.evaluate.suite import QUICK_SCALE
+from ds_mtp.experiments.reproduce import (FINDINGS, Scale, check_finding, final_heldout_ce, mean_ci, reproduce, run_state,
                               summarize, t_critical, unconverged)
-from ds_mtp.worlds import make_world
+from ds_mtp.experiments.worlds import make_world
 
 # A few steps of the tiny model: enough to exercise every stage, not to learn the world.
 TINY = Scale("tiny", ["model.preset=tiny", "model.n_layer=1", "model.d_model=32", "train.max_steps=4",

@@ -205,7 +205,7 @@ def test_evaluation_asks_a_teacher_rank_for_nothing(tmp_path, val_data, teacher_
 def test_a_worlds_heldout_split_is_evaluated_by_default(tmp_path):
     from ds_mtp.config import load_config
     from ds_mtp.train import resolve_data
-    from ds_mtp.worlds import make_world
+    from ds_mtp.experiments.worlds import make_world
 
     make_world("usg", "paper", tmp_path / "usg", seed=0)
     cfg = resolve_data(load_config(None, [f"data.path={tmp_path / 'usg'}", "model.preset=paper-graph",

@@ -6,7 +6,7 @@ import networkx as nx
 import pytest
 
 from ds_mtp.errors import UserError
-from ds_mtp.worlds import check_sequences, load_world, make_world
+from ds_mtp.experiments.worlds import check_sequences, load_world, make_world
 
 MANHATTAN = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "manhattan"
 

@@ -8,9 +8,9 @@ import pytest
 
 from ds_mtp.data import TokenShards, WindowSampler, read_meta
 from ds_mtp.errors import UserError
-from ds_mtp.worlds import load_world, make_world
-from ds_mtp.worlds import datasets as ds
-from ds_mtp.worlds.graphs import Graph, usg
+from ds_mtp.experiments.worlds import load_world, make_world
+from ds_mtp.experiments.worlds import datasets as ds
+from ds_mtp.experiments.worlds.graphs import Graph, usg
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 from scipy.spatial import Delaunay
 
 from ds_mtp.errors import UserError
-from ds_mtp.worlds import build_graph
-from ds_mtp.worlds.graphs import er, from_edges_file, usg
+from ds_mtp.experiments.worlds import build_graph
+from ds_mtp.experiments.worlds.graphs import er, from_edges_file, usg
 
 
 def delaunay_and_mst(positions):

@@ -3,9 +3,9 @@
 import pytest
 
 from ds_mtp.errors import UserError
-from ds_mtp.worlds.datasets import shortest_paths_by_source
-from ds_mtp.worlds.graphs import Graph, usg
-from ds_mtp.worlds.tokenize import DirectionTokenizer, IncrementTokenizer, make_tokenizer
+from ds_mtp.experiments.worlds.datasets import shortest_paths_by_source
+from ds_mtp.experiments.worlds.graphs import Graph, usg
+from ds_mtp.experiments.worlds.tokenize import DirectionTokenizer, IncrementTokenizer, make_tokenizer
 
 
 def test_increment_vocabulary_layout():

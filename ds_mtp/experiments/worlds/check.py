@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 
 from ds_mtp.errors import UserError
-from ds_mtp.worlds.graphs import Graph, from_edges_file
-from ds_mtp.worlds.tokenize import FORMATS, PathTokenizer, make_tokenizer
+from ds_mtp.experiments.worlds.graphs import Graph, from_edges_file
+from ds_mtp.experiments.worlds.tokenize import FORMATS, PathTokenizer, make_tokenizer
 
 CATEGORIES = ("valid", "illegal_turn", "wrong_end", "unterminated", "invalid_format")
 

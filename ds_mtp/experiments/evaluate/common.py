@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ds_mtp.evaluate import model_device
+from ds_mtp.experiments.evaluate import model_device
 
 # Score at most this many logits (batch x length x vocabulary) per forward pass, so that a large
 # vocabulary (Manhattan: ~4,600 tokens) does not blow up memory.
@@ -231,8 +231,8 @@ class WorldIndex:
 def heldout_sequences(world, max_sequences: int | None, seed: int, max_len: int) -> tuple[list[list[int]], int]:
     """Token sequences of one hop-shortest path per held-out pair (a seeded subset of
     ``max_sequences`` pairs), dropping those longer than ``max_len``. Returns (sequences, dropped)."""
-    from ds_mtp.evaluate.paths import select_pairs
-    from ds_mtp.worlds.datasets import shortest_paths_by_source
+    from ds_mtp.experiments.evaluate.paths import select_pairs
+    from ds_mtp.experiments.worlds.datasets import shortest_paths_by_source
 
     pairs = select_pairs(world.heldout_pairs, max_sequences, seed)
     paths = shortest_paths_by_source(world.graph, pairs)

@@ -18,7 +18,7 @@ destination.
 from __future__ import annotations
 
 from ds_mtp.errors import UserError
-from ds_mtp.worlds.graphs import Graph
+from ds_mtp.experiments.worlds.graphs import Graph
 
 FORMATS = ("increment", "direction")
 COMPASS = ("N", "NE", "E", "SE", "S", "SW", "W", "NW")

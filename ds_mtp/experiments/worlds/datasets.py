@@ -13,7 +13,7 @@ import itertools
 import networkx as nx
 import numpy as np
 
-from ds_mtp.worlds.graphs import Graph
+from ds_mtp.experiments.worlds.graphs import Graph
 
 
 def bfs_tree(graph: Graph, source: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
 """World-model evaluation of a trained path model.
 
 Every metric takes a ``PathModel`` (anything with ``logits`` and ``hidden`` below) and a
-``ds_mtp.worlds.World`` (the ground truth: graph, tokenizer, held-out pairs). The real model and
+``ds_mtp.experiments.worlds.World`` (the ground truth: graph, tokenizer, held-out pairs). The real model and
 the tests' fake models (oracles, uniform) all satisfy the protocol.
 """
 

@@ -21,13 +21,13 @@ import numpy as np
 
 from ds_mtp.data import has_manifest, write_atomic, write_documents
 from ds_mtp.errors import UserError
-from ds_mtp.worlds import datasets as ds
-from ds_mtp.worlds.graphs import Graph, er, from_edges_file, usg
-from ds_mtp.worlds.tokenize import FORMATS, PathTokenizer, make_tokenizer
+from ds_mtp.experiments.worlds import datasets as ds
+from ds_mtp.experiments.worlds.graphs import Graph, er, from_edges_file, usg
+from ds_mtp.experiments.worlds.tokenize import FORMATS, PathTokenizer, make_tokenizer
 
 WORLD_FILE = "world.json"
 DATASETS = ("paper", "shortest", "noisy", "random-walks")
-MANHATTAN_EDGES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "manhattan" / "edges.tsv"
+MANHATTAN_EDGES = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "manhattan" / "edges.tsv"
 
 # Parameters each dataset accepts, with defaults (the paper's where it has one).
 DATASET_PARAMS = {
@@ -204,7 +204,7 @@ def load_world(out_dir: str | Path) -> World:
 
 
 
-from ds_mtp.worlds.check import check_sequences  # noqa: E402  (check needs graphs and tokenize only)
+from ds_mtp.experiments.worlds.check import check_sequences  # noqa: E402  (check needs graphs and tokenize only)
 
 __all__ = ["World", "Graph", "make_world", "parse_params", "load_world", "build_graph", "check_sequences", "usg", "er",
            "from_edges_file", "DATASETS", "FORMATS"]

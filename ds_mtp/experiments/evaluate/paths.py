@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ds_mtp.evaluate import model_device
+from ds_mtp.experiments.evaluate import model_device
 
 OUTCOMES = ("success", "illegal_edge", "wrong_target", "invalid_format")
 

@@ -1,5 +1,5 @@
 """`ds-mtp demo`: NTP vs MTP vs LSE-MTP on the paper's USG world, trained with DeepSpeed on 2 CPU ranks
-and evaluated by greedy decoding on every held-out pair (ds_mtp.evaluate.paths: success as the paper's
+and evaluated by greedy decoding on every held-out pair (ds_mtp.experiments.evaluate.paths: success as the paper's
 test_accuracy.py counts it, the first arrival at the target, and ds-mtp's strict success, end-of-sequence
 there). The recipe is reproduce's `cpu` scale with one seed (docs/results.md: every method's held-out ce_1
 is within 5% of the others' by its last step); methods are compared only once each has converged.
@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from ds_mtp.data import has_manifest, write_atomic
-from ds_mtp.reproduce import (CONVERGENCE_TOLERANCE, METHODS, SCALES, final_heldout_ce, sequence_lengths,
+from ds_mtp.experiments.reproduce import (CONVERGENCE_TOLERANCE, METHODS, SCALES, final_heldout_ce, sequence_lengths,
                               train_run, unconverged)
 
 DEMO_METHODS = ("ntp", "mtp", "lse-mtp")
@@ -56,10 +56,10 @@ def comparison_lines(rows: list[dict]) -> list[str]:
 
 
 def run_demo(run_dir: str | Path, steps: int = 0, nproc: int = 2, seed: int = 0) -> list[dict]:
-    from ds_mtp.evaluate.paths import evaluate_paths
+    from ds_mtp.experiments.evaluate.paths import evaluate_paths
     from ds_mtp.model import load_exported
     from ds_mtp.monitor import read_metrics
-    from ds_mtp.worlds import load_world, make_world
+    from ds_mtp.experiments.worlds import load_world, make_world
 
     run_dir = Path(run_dir)
     world_dir = run_dir / "world"

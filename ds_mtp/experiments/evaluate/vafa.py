@@ -25,8 +25,8 @@ import functools
 import numpy as np
 import torch
 
-from ds_mtp.evaluate import model_device
-from ds_mtp.evaluate.common import (MAX_LOGITS_PER_BATCH, WorldIndex, argmax_tokens, heldout_sequences, hidden_at,
+from ds_mtp.experiments.evaluate import model_device
+from ds_mtp.experiments.evaluate.common import (MAX_LOGITS_PER_BATCH, WorldIndex, argmax_tokens, heldout_sequences, hidden_at,
                                     is_legal, last_probs, pad, suffix_valid, token_probs, walk_nodes)
 
 DETOUR_TYPES = ("random_valid", "least_likely", "second_most_likely")
@@ -324,7 +324,7 @@ def detour_robustness(model, world, detour_prob: float, detour_type: str = "rand
     (``second_most_likely``). Success = every move legal and end-of-sequence at the destination
     within ``max_len`` tokens.
     """
-    from ds_mtp.evaluate.paths import select_pairs
+    from ds_mtp.experiments.evaluate.paths import select_pairs
 
     if detour_type not in DETOUR_TYPES:
         raise ValueError(f"unknown detour type {detour_type!r} (expected one of {DETOUR_TYPES})")

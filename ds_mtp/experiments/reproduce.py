@@ -119,7 +119,7 @@ SCALES = {
 
 def evaluate_model(model, world, eval_scale, seed: int) -> tuple[dict, dict[str, float]]:
     """(full results, headline metrics {name: value}) of one exported model on the world."""
-    from ds_mtp.evaluate.suite import evaluate_all, headline
+    from ds_mtp.experiments.evaluate.suite import evaluate_all, headline
 
     results = evaluate_all(model, world, scale=eval_scale, seed=seed)
     return results, headline(results)
@@ -392,7 +392,7 @@ def world_make_args(world: str, scale: Scale) -> tuple[str, dict]:
     street maps (Vafa et al.), with sampled pairs where a graph is too large to use every pair."""
     if world in ("usg", "er"):
         return "paper", {}
-    from ds_mtp.worlds import build_graph
+    from ds_mtp.experiments.worlds import build_graph
 
     _, graph = build_graph(world)
     return "shortest", ({"num_pairs": scale.manhattan_pairs} if graph.num_nodes > 1000 else {})
@@ -405,7 +405,7 @@ def prepare_world(world: str, out: Path, scale: Scale, world_seed: int) -> Path:
     world_dir = out / "world"
     if has_manifest(world_dir) and (world_dir / "world.json").is_file():
         return world_dir  # make_world writes the manifest last: the directory is complete
-    from ds_mtp.worlds import make_world
+    from ds_mtp.experiments.worlds import make_world
 
     if world_dir.exists():
         shutil.rmtree(world_dir)  # an interrupted make_world: ours to redo
@@ -528,7 +528,7 @@ def reproduce(world: str, methods: list[str], seeds: int, scale: str | Scale, ou
     from ds_mtp.config import load_config
     from ds_mtp.model import load_exported
     from ds_mtp.monitor import read_metrics
-    from ds_mtp.worlds import load_world
+    from ds_mtp.experiments.worlds import load_world
 
     out = Path(out)
     scale = resolve_scale(scale)

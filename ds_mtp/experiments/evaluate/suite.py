@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ds_mtp.errors import UserError
-from ds_mtp.evaluate.common import max_length
+from ds_mtp.experiments.evaluate.common import max_length
 
 # The papers' sizes (LSE-MTP's official scripts: every held-out pair decoded at temperature 0.8, 5,000 ISP
 # triples, 1,000 Structure Gain paths, 1,000 trials per belief group; Vafa et al.: 100 trials, 30 / 5 suffix
@@ -80,8 +80,8 @@ def resolve_metrics(metrics: list[str] | None) -> list[str]:
 
 
 def _run_metric(name: str, model, world, sc: dict, seed: int, max_len: int) -> dict:
-    from ds_mtp.evaluate import paper, vafa
-    from ds_mtp.evaluate.paths import evaluate_paths
+    from ds_mtp.experiments.evaluate import paper, vafa
+    from ds_mtp.experiments.evaluate.paths import evaluate_paths
 
     bs = sc["batch_size"]
     common = {"seed": seed, "batch_size": bs}
@@ -118,7 +118,7 @@ def _run_metric(name: str, model, world, sc: dict, seed: int, max_len: int) -> d
 
 def evaluate_all(model, world, scale: dict | str = "default", seed: int = 0, metrics: list[str] | None = None) -> dict:
     """Every requested metric of ``model`` on ``world``; nested, JSON-serialisable results."""
-    from ds_mtp.worlds import World, load_world
+    from ds_mtp.experiments.worlds import World, load_world
 
     if not isinstance(world, World):
         world = load_world(Path(world))
@@ -243,7 +243,7 @@ def run_eval(model_dir: str | Path, world_dir: str | Path, out: str | Path | Non
 
     from ds_mtp.data import write_atomic
     from ds_mtp.model import load_exported
-    from ds_mtp.worlds import load_world
+    from ds_mtp.experiments.worlds import load_world
 
     world = load_world(world_dir)
     names = resolve_metrics(metrics)

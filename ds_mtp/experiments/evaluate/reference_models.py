@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ds_mtp.worlds.datasets import next_hop_towards
+from ds_mtp.experiments.worlds.datasets import next_hop_towards
 
 NEG = -1e9  # a finite "impossible": softmax gives exactly 0 without NaNs from -inf arithmetic
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ds_mtp.errors import UserError
-from ds_mtp.evaluate.common import WorldIndex, cosine_rows, heldout_sequences, hidden_at, last_probs
+from ds_mtp.experiments.evaluate.common import WorldIndex, cosine_rows, heldout_sequences, hidden_at, last_probs
 
 
 def shortcut_triples(world, num_triples: int = 5000, seed: int = 0, min_hops: int = 2,
@@ -180,7 +180,7 @@ def official_belief_trials(world, num_trials: int, rng: np.random.Generator) -> 
     Different nodes: two distinct uniform nodes, reverse walks of U{2..4} moves; same goal: one reachable
     from both (either node itself counts); different goals: one reachable from each, kept when they differ.
     """
-    from ds_mtp.worlds.datasets import bfs_tree
+    from ds_mtp.experiments.worlds.datasets import bfs_tree
 
     index = WorldIndex(world)
     n = world.graph.num_nodes
