@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ds_mtp.errors import UserError, run_parsed
+from ds_mtp.errors import UserError
 
 
 def cmd_tokenizer(args) -> int:
@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ds_mtp.cli import run_parsed
+
     return run_parsed(build_parser(), argv)
 
 

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ds_mtp.errors import UserError, run_parsed
+from ds_mtp.errors import UserError
 
 
 # Flags that are spellings of teacher.* overrides (docs/teacher.md); an explicit override wins.
@@ -15,37 +15,35 @@ TEACHER_FLAGS = {"lse_target": "source", "teacher_ranks": "ranks", "teacher_laye
 
 
 def cmd_train(args) -> int:
+    """Train here (one process, or one rank of a launch that started us), or start --nproc ranks on this node
+    through the same path as ``ds-mtp launch``."""
     from ds_mtp.config import load_config
-    from ds_mtp.launch import inside_launch, is_launch_leader, run_local
+    from ds_mtp.ranks import inside_launch, is_launch_leader
+    from ds_mtp.run_dir import RunDir, RunLock
     from ds_mtp.train import prepare_run, train
 
-    args.overrides = [*(f"teacher.{field}={getattr(args, flag)}" for flag, field in TEACHER_FLAGS.items()
-                        if getattr(args, flag) is not None), *args.overrides]
+    overrides = [*(f"teacher.{field}={getattr(args, flag)}" for flag, field in TEACHER_FLAGS.items()
+                   if getattr(args, flag) is not None), *args.overrides]
     if args.pipeline_stages is not None:  # the flag is the override train.pipeline_stages=P
-        args.overrides = [*args.overrides, f"train.pipeline_stages={args.pipeline_stages}"]
-    cfg = load_config(args.config, args.overrides)
+        overrides.append(f"train.pipeline_stages={args.pipeline_stages}")
     if args.data:
-        cfg.data.path = args.data
-    if inside_launch():
-        if is_launch_leader() and not os.environ.get("DS_MTP_PREPARED"):
-            prepare_run(cfg, args.run_dir, args.resume)
-        train(cfg, args.run_dir, resume=args.resume)
+        overrides.append(f"data.path={args.data}")
+    if args.nproc > 1 and not inside_launch():
+        from launcher import LaunchOptions, launch
+
+        return launch(LaunchOptions(run_dir=args.run_dir, config=args.config, overrides=overrides, nproc=args.nproc,
+                                    resume=args.resume))
+    cfg = load_config(args.config, overrides)
+    if inside_launch() and (os.environ.get("DS_MTP_PREPARED") or not is_launch_leader()):
+        train(cfg, args.run_dir, resume=args.resume)  # the launching process checked RUN_DIR and holds its lock
         return 0
-    if cfg.train.pipeline_stages > 1:
-        from ds_mtp.pipeline import check_layout
+    with RunLock(RunDir(args.run_dir)):
+        if not inside_launch():
+            from ds_mtp.ranks import layout_of
 
-        check_layout(cfg, max(1, args.nproc))
-    else:
-        from ds_mtp.teacher import check_rank_counts
-
-        check_rank_counts(max(1, args.nproc), 1, cfg.teacher.ranks)
-    prepare_run(cfg, args.run_dir, args.resume)
-    if args.nproc and args.nproc > 1:
-        forwarded = ["train", "--run-dir", args.run_dir, *(["--config", args.config] if args.config else []),
-                     *(["--resume"] if args.resume else []), *(["--data", args.data] if args.data else []),
-                     *args.overrides]
-        return run_local(args.nproc, forwarded)
-    train(cfg, args.run_dir, resume=args.resume)
+            layout_of(cfg, 1)
+        cfg = prepare_run(cfg, args.run_dir, args.resume)
+        train(cfg, args.run_dir, resume=args.resume)
     return 0
 
 
@@ -173,11 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an exported model already in --out")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="NTP vs MTP vs LSE-MTP on the paper's USG world, evaluated on held-out pairs")
+    p = sub.add_parser("demo", help="NTP vs MTP vs LSE-MTP on the paper's USG world, evaluated on held-out pairs "
+                                    "(reproduce's demo scale; run again to see the results)")
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--steps", type=int, default=0, help="training steps per method (0 = the demo's default)")
     p.add_argument("--nproc", type=int, default=2, help="ranks per training run")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the USG world (the runs train with seed 0)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("reproduce", help="train NTP / MTP / LSE-MTP over seeds on a world, evaluate, report mean ± 95%% CI")
@@ -232,6 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the full results as JSON here")
     p.set_defaults(func=cmd_eval)
     return parser
+
+
+def run_parsed(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse argv and call the chosen subcommand's function; a UserError (and its kinds: a teacher failure,
+    divergence, preemption) becomes one line on stderr and its exit code."""
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

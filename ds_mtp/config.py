@@ -146,6 +146,9 @@ class TrainConfig:
     """Stop (with a checkpoint) after this step, as a preempted job would; 0 = run to max_steps."""
     save_every: int = 0
     """Save a DeepSpeed checkpoint every N optimizer steps (0 = only at the end)."""
+    max_bad_steps: int = 5
+    """Stop the run (exit 4, keeping the last good checkpoint, exporting nothing) after this many optimizer steps
+    in a row whose loss or gradient norm is not finite (DeepSpeed skips such steps); 0 = never stop."""
     log_every: int = 1
     """Print a progress line every N steps (metrics.jsonl gets every step)."""
     eval_every: int = 0
@@ -379,6 +382,8 @@ def validate(cfg: RunConfig) -> None:
     for name in ("max_steps", "micro_batch", "grad_accum", "seq_len"):
         if getattr(t, name) < 1:
             raise UserError(f"train.{name} must be at least 1 (got {getattr(t, name)})")
+    if t.max_bad_steps < 0:
+        raise UserError(f"train.max_bad_steps must be 0 (never stop) or a number of steps (got {t.max_bad_steps})")
     if t.eval_every < 0:
         raise UserError(f"train.eval_every must be 0 (never) or a number of steps (got {t.eval_every})")
     if t.eval_batches < 1:

@@ -113,18 +113,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def init_distributed() -> None:
-    """Join the default process group: from the deepspeed launcher's or mpirun's environment, or as a
-    world of one when started directly."""
+    """Join the default process group of this rank's role, from the environment ds_mtp.ranks.write_role_env
+    wrote (so DeepSpeed's own MPI discovery has nothing to do)."""
     import deepspeed
 
-    if "RANK" not in os.environ and not any(v in os.environ for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK")):
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
     gpu = torch.cuda.is_available()
-    # Under mpirun, DeepSpeed's MPI discovery would otherwise take port 29500 whatever the launcher chose.
-    port = int(os.environ.get("MASTER_PORT", "29500"))
-    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=True,
-                               distributed_port=port, verbose=False)
+    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False,
+                               distributed_port=int(os.environ["MASTER_PORT"]), verbose=False)
 
 
 def _bindable(port: int) -> bool:
@@ -161,8 +156,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def initialize(cfg: RunConfig, module: torch.nn.Module, dp_size: int):
+    """AdamW (the paper's decay rule: param_groups) and the warm-up + cosine schedule around ``module``, as one
+    DeepSpeed engine; the ZeRO and the pipeline layouts both start here."""
+    import deepspeed
+
+    t = cfg.train
+    optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
+                                  fused=on_gpu())
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, config=build_ds_config(cfg, dp_size, on_gpu()),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    return engine
+
+
 def build_engine(cfg: RunConfig, pad_id: int | None):
-    """Create the model and the DeepSpeed engine. Returns (engine, model)."""
+    """Create the model and its ZeRO engine (every rank one data-parallel replica). Returns (engine, model)."""
     import deepspeed
     import deepspeed.comm as dist
 
@@ -171,13 +180,8 @@ def build_engine(cfg: RunConfig, pad_id: int | None):
     if cfg.train.zero_stage == 3:
         for p in model.external_parameters():
             deepspeed.zero.register_external_parameter(model, p)
-    ds_config = build_ds_config(cfg, dist.get_world_size(), on_gpu())
+    engine = initialize(cfg, model, dist.get_world_size())
     t = cfg.train
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
-                                  fused=on_gpu())
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
     if t.compile == "always" or (t.compile == "gpu" and on_gpu()):
         engine.compile()
     return engine, model

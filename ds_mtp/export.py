@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 
 from ds_mtp.config import config_from_dict
 from ds_mtp.errors import UserError
+from ds_mtp.run_dir import LATEST_FILE
 
 
 def checkpoint_tag(ckpt_dir: Path, tag: str | None) -> str:
@@ -31,7 +31,7 @@ def checkpoint_tag(ckpt_dir: Path, tag: str | None) -> str:
     available = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir()), key=lambda n: (len(n), n)) \
         if ckpt_dir.is_dir() else []
     if tag is None:
-        latest = ckpt_dir / "latest"
+        latest = ckpt_dir / LATEST_FILE
         if not latest.is_file():
             raise UserError(f"no checkpoint in {ckpt_dir} (train with checkpoints first)")
         tag = latest.read_text().strip()
@@ -69,15 +69,16 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, tag: str | None 
     """Write the consolidated model of RUN_DIR's checkpoint ``tag`` (default latest) to ``out_dir``."""
     from ds_mtp.model import MTPModel, save_exported
     from ds_mtp.pipeline import pipeline_state_dict
-    from ds_mtp.train import CHECKPOINT_DIR, CONFIG_NAME
+    from ds_mtp.run_dir import CONFIG_FILE, RunDir, read_saved_config
 
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if not (run_dir / CONFIG_NAME).is_file():
-        raise UserError(f"{run_dir} is not a ds-mtp run directory (no {CONFIG_NAME})")
+    paths, out_dir = RunDir(run_dir), Path(out_dir)
+    run_dir = paths.path
+    if not paths.config.is_file():
+        raise UserError(f"{run_dir} is not a ds-mtp run directory (no {CONFIG_FILE})")
     if (out_dir / "model.safetensors").exists() and not overwrite:
         raise UserError(f"{out_dir} already holds an exported model: choose another --out, or pass --overwrite")
-    cfg = config_from_dict(json.loads((run_dir / CONFIG_NAME).read_text()))
-    ckpt_dir = run_dir / CHECKPOINT_DIR
+    cfg = config_from_dict(read_saved_config(paths))
+    ckpt_dir = paths.checkpoints
     tag = checkpoint_tag(ckpt_dir, tag)
     client = _client_state(ckpt_dir / tag)
     t = cfg.train

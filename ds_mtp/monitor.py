@@ -1,14 +1,24 @@
-"""Metrics sinks written by rank 0: RUN_DIR/metrics.jsonl (one JSON object per optimizer step) and
+"""Metrics sinks written by rank 0: RUN_DIR/metrics.jsonl (one JSON object per optimizer step; non-finite values
+as null) and
 TensorBoard event files under RUN_DIR/tensorboard. Rows of steps with a held-out evaluation
 (train.eval_every, ds_mtp.validation) also carry eval_ce_k / eval_acc_k, tagged eval/ce_k, eval/acc_k."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 from ds_mtp.data import write_atomic
+from ds_mtp.run_dir import RunDir
+
+
+def json_row(row: dict) -> str:
+    """One metrics.jsonl line. A non-finite value (a diverged step's loss) is written as null: JSON has no
+    NaN or Infinity, and the readers of metrics.jsonl (jq, pandas, other languages) refuse them."""
+    return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()},
+                      allow_nan=False)
 
 
 def model_flops_per_token(model, seq_len: int) -> float:
@@ -63,18 +73,19 @@ class Monitor:
         self.enabled = enabled
         if not enabled:
             return
-        self.path = Path(run_dir) / "metrics.jsonl"
+        paths = RunDir(run_dir)
+        self.path = paths.metrics
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
-        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        write_atomic(self.path, "".join(json_row(r) + "\n" for r in kept).encode())
         self._file = open(self.path, "a")
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        self.writer = SummaryWriter(str(paths.tensorboard), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(json_row(row) + "\n")
         self._file.flush()
         step = row["step"]
         for key, value in row.items():

@@ -197,3 +197,20 @@ def lse_mtp_loss(hidden: torch.Tensor, head_hidden: torch.Tensor | None, tokens:
         acc = [_hit_rate(hits_k, c) for hits_k, c in zip(hits.split(sizes), counts)]
         loss = loss + weighted_ce
     return {"loss": loss, "ce": ce, "latent": latent, "semantic": semantic, "acc": acc}
+
+
+def term_names(K: int) -> list[str]:
+    """The monitored terms of lse_mtp_loss, in the one order they travel in: loss, ce_1..K, latent_2..K,
+    semantic_2..K, acc_1..K (the metrics rows' keys)."""
+    return ["loss", *(f"ce_{k}" for k in range(1, K + 1)), *(f"latent_{k}" for k in range(2, K + 1)),
+            *(f"semantic_{k}" for k in range(2, K + 1)), *(f"acc_{k}" for k in range(1, K + 1))]
+
+
+def pack_terms(out: dict) -> torch.Tensor:
+    """lse_mtp_loss's result as one detached float32 vector in term_names order (cheap to sum and all-reduce)."""
+    return torch.stack([out["loss"], *out["ce"], *out["latent"], *out["semantic"], *out["acc"]]).detach().float()
+
+
+def unpack_terms(vector: torch.Tensor, K: int) -> dict[str, float]:
+    """A (summed, averaged) pack_terms vector back to {name: value}."""
+    return dict(zip(term_names(K), vector.tolist()))

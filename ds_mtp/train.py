@@ -1,62 +1,39 @@
-"""The training loop: steps, gradient accumulation, metrics, checkpoints and exact resume.
+"""The training loop, as setup → step → reduce/log → save.
 
 ``prepare_run`` checks everything that needs no process group (config, data, run directory) so bad
-input fails once, in the launching process, with one line. ``train`` runs on every rank.
+input fails once, in the launching process, with one line. ``train`` runs on every rank:
+
+- ``setup`` finds this rank's role (ds_mtp.ranks), serves latent targets if it is a teacher rank, and
+  otherwise builds the engine, resumes from the newest complete checkpoint, and opens the data;
+- ``zero_step`` / ``pipeline_step`` run one optimizer step of their layout and return the summed loss
+  terms (ds_mtp.objective.pack_terms);
+- ``reduce_step`` averages the terms over ranks into the step's metrics row, and agrees between ranks on
+  a stop request (SIGTERM / SIGINT to any rank);
+- the loop logs, saves (ds_mtp.checkpoint), stops on divergence (train.max_bad_steps) or on a signal
+  (with a checkpoint of that step), and at the end writes the exported model.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import random
+import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ds_mtp.config import RunConfig, config_from_dict
-from ds_mtp.data import TokenShards, WindowSampler, read_meta, write_atomic
-from ds_mtp.errors import UserError
-
-CONFIG_NAME = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-MODEL_DIR = "model"
-
-
-def resolve_data(cfg: RunConfig) -> RunConfig:
-    """Fill the vocab size from the data and check that the data fits the model."""
-    if not cfg.data.path:
-        raise UserError("no training data: set data.path=DIR (a directory written by ds-mtp prep or ds-mtp world make)")
-    meta = read_meta(cfg.data.path)
-    if cfg.data.split not in meta.splits:
-        raise UserError(f"{cfg.data.path} has no split '{cfg.data.split}' (has: {', '.join(meta.splits) or 'none'})")
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = meta.vocab_size
-    if meta.max_token_id >= cfg.model.vocab_size:
-        raise UserError(f"data in {cfg.data.path} has token id {meta.max_token_id}, not below the model's "
-                        f"vocab_size={cfg.model.vocab_size}")
-    if meta.vocab_size > cfg.model.vocab_size:
-        raise UserError(f"data in {cfg.data.path} declares vocab_size={meta.vocab_size} > model.vocab_size="
-                        f"{cfg.model.vocab_size}")
-    if cfg.train.eval_every or cfg.data.eval_split:
-        from ds_mtp.validation import EVAL_SEED, resolve_eval_split
-
-        cfg.data.eval_split = resolve_eval_split(cfg, meta)
-        window_sampler(cfg, cfg.data.eval_split, seed=EVAL_SEED)  # a split too short for one window fails here
-    return cfg
-
-
-def window_sampler(cfg: RunConfig, split: str, *, seed: int, dp_rank: int = 0, dp_size: int = 1) -> WindowSampler:
-    """The windows a run reads from one split: the training data (seed train.seed), or the validation
-    windows of train.eval_every (ds_mtp.validation.EVAL_SEED)."""
-    t = cfg.train
-    return WindowSampler(TokenShards(cfg.data.path, split), t.seq_len, t.micro_batch, seed=seed,
-                         dp_rank=dp_rank, dp_size=dp_size, mode=cfg.data.sampling)
+from ds_mtp.data import read_meta, write_atomic
+from ds_mtp.errors import Diverged, Preempted, UserError
+from ds_mtp.run_data import resolve_data, window_sampler
+from ds_mtp.run_dir import RunDir, check_new_or_resume, read_saved_config
 
 
 def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool) -> RunConfig:
-    """Validate data and run directory; write RUN_DIR/config.json for a new run."""
+    """Validate data and run directory; write RUN_DIR/config.json (the resolved config)."""
     from ds_mtp.teacher import check_teacher, fill_latent_width
 
     cfg = resolve_data(cfg)
@@ -65,59 +42,54 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool) -> RunConfig:
     window_sampler(cfg, cfg.data.split, seed=cfg.train.seed)
     check_teacher(cfg, meta)
     fill_latent_width(cfg, meta)  # the model's projection to the teacher's width, if any
-    run_dir = Path(run_dir)
-    saved = run_dir / CONFIG_NAME
-    has_checkpoint = (run_dir / CHECKPOINT_DIR / "latest").is_file()
+    paths = RunDir(run_dir)
+    check_new_or_resume(paths, resume)
     if resume:
-        if not has_checkpoint:
-            raise UserError(f"--resume: no checkpoint in {run_dir / CHECKPOINT_DIR}")
-        previous = config_from_dict(json.loads(saved.read_text()))
-        if previous.model != cfg.model:
-            raise UserError(f"--resume: {run_dir} was trained with a different model config")
-        if previous.train.pipeline_stages != cfg.train.pipeline_stages:
-            raise UserError(f"--resume: {run_dir} was trained with train.pipeline_stages="
-                            f"{previous.train.pipeline_stages}; its checkpoints cannot be resumed with "
-                            f"{cfg.train.pipeline_stages} (convert with ds-mtp export instead)")
-    else:
-        if has_checkpoint or (run_dir / "metrics.jsonl").exists():
-            raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(saved, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+        check_resumable(config_from_dict(read_saved_config(paths)), cfg, paths)
+    paths.path.mkdir(parents=True, exist_ok=True)
+    write_atomic(paths.config, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
     return cfg
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+RESUME_FIXED = ("train.seq_len", "train.pipeline_stages", "data.path", "data.sampling")
+"""Settings a resumed run must keep (besides the whole model section): they decide the shapes in the checkpoint
+or which window every step reads."""
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state.get("cuda") is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
+def check_resumable(previous: RunConfig, cfg: RunConfig, paths: RunDir) -> None:
+    """--resume continues the same run: the model and RESUME_FIXED must match the saved config."""
+    changed = [f"model.{name}" for name in previous.model.__dataclass_fields__
+               if getattr(previous.model, name) != getattr(cfg.model, name)]
+    for key in RESUME_FIXED:
+        section, name = key.split(".")
+        if getattr(getattr(previous, section), name) != getattr(getattr(cfg, section), name):
+            changed.append(key)
+    if changed:
+        first = changed[0]
+        section, name = first.split(".")
+        was, now = getattr(getattr(previous, section), name), getattr(getattr(cfg, section), name)
+        more = f" (and {', '.join(changed[1:])})" if len(changed) > 1 else ""
+        hint = " (convert with ds-mtp export instead)" if first == "train.pipeline_stages" else ""
+        raise UserError(f"--resume: {paths.path} was trained with {first}={was}, not {now}{more}; a resumed run "
+                        f"keeps them{hint}")
 
+
+# ----------------------------------------------------------------------------------------------
+# Set-up
 
 def cpu_threads(env=os.environ, cores: int | None = None) -> int:
     """Torch threads for one CPU rank: OMP_NUM_THREADS when the user set it, else this node's cores shared
-    by the ranks of the launch on this node (teacher ranks included: they compute alongside the trainers)."""
-    from ds_mtp.launch import LOCAL_SIZE_VARS
+    by the launch's ranks on this node (teacher ranks included: they compute alongside the trainers; a launcher
+    that does not say how many ranks are here is taken to have started them all here). Read before the roles
+    are written: afterwards LOCAL_SIZE counts one role's ranks."""
+    from ds_mtp.ranks import read_launch
 
     explicit = env.get("OMP_NUM_THREADS", "")
     if explicit.isdigit() and int(explicit) > 0:
         return int(explicit)
-    local = next((int(env[v]) for v in LOCAL_SIZE_VARS if env.get(v, "").isdigit()), None)
-    if local is None:  # a launcher that says nothing of its node: assume all ranks are here
-        local = next((int(env[v]) for v in ("WORLD_SIZE", "PMI_SIZE") if env.get(v, "").isdigit()), 1)
+    place = read_launch(env)
+    local = 1 if place is None else place.local_size or place.world_size
     return max(1, (cores or os.cpu_count() or 1) // max(1, local))
-
-
-def set_cpu_threads() -> None:
-    """Give each local rank its share of the cores instead of letting every rank take all (CPU only).
-    Call before the roles are split: afterwards WORLD_SIZE counts one role's ranks only."""
-    if not torch.cuda.is_available():
-        torch.set_num_threads(cpu_threads())
 
 
 def _quiet_libraries() -> None:
@@ -130,171 +102,345 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
-def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
-    """Train on every rank of the current launch. Returns the last step's metrics (rank 0) or {}."""
+class StopSignals:
+    """SIGTERM and SIGINT (what Slurm, Kubernetes, ``timeout`` and Ctrl-C send) become a request to stop at the
+    next step boundary; a second signal of the same kind acts at once (Ctrl-C twice)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received == name:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self.received = name
+
+    def __enter__(self) -> StopSignals:
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+@dataclass
+class Trainer:
+    """What a trainer rank's steps share, built once by ``setup``."""
+
+    cfg: RunConfig
+    paths: RunDir
+    engine: object
+    model: torch.nn.Module | None
+    """The MTPModel under ZeRO (None under a pipeline: the stages hold its layers)."""
+    loss_fn: object | None
+    """The pipeline's PipelineLoss (None under ZeRO: the engine's forward computes the loss)."""
+    sampler: object
+    feed: object | None
+    """External latent targets (ds_mtp.teacher), or None."""
+    validator: object | None
+    monitor: object
+    rank: int
+    world: int
+    dp_size: int
+    pad_id: int | None
+    start_step: int
+    bridge_store: object | None = None
+    """The trainer-teacher store, where a teacher that got SIGTERM asks the trainers to stop."""
+    flops_per_token: float = 0.0
+    last: dict = field(default_factory=dict)
+
+    @property
+    def pipeline(self) -> bool:
+        return self.loss_fn is not None
+
+    @property
+    def end_step(self) -> int:
+        t = self.cfg.train
+        return min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch * t.seq_len * t.grad_accum * self.dp_size
+
+
+def setup(cfg: RunConfig, paths: RunDir, resume: bool, signals: StopSignals) -> Trainer | None:
+    """Everything before the first step. Returns None on a teacher rank, after it has served its trainers."""
     import deepspeed.comm as dist
 
-    from ds_mtp.engine import build_engine, consolidated_state_dict, init_distributed
-    from ds_mtp.model import count_parameters, save_exported
-    from ds_mtp.monitor import Monitor, model_flops_per_token, peak_memory_gib
-    from ds_mtp.objective import active_heads
-    from ds_mtp.teacher import (connect_bridge, count_local_trainers, fill_latent_width, open_feed,
-                                run_teacher_rank, source_class, split_roles)
+    from ds_mtp.engine import build_engine, init_distributed
+    from ds_mtp.model import count_parameters
+    from ds_mtp.monitor import Monitor, model_flops_per_token
+    from ds_mtp.ranks import find_role, write_role_env
+    from ds_mtp.teacher import (bridge_port, connect_bridge, count_local_trainers, fill_latent_width, open_feed,
+                                run_teacher_rank)
 
-    run_dir = Path(run_dir)
     _quiet_libraries()
     cfg = resolve_data(cfg)
-    set_cpu_threads()
-    layout = split_roles(cfg)  # before DeepSpeed: teacher ranks must not be in the trainers' world
-    if layout is not None and layout.is_teacher:
-        run_teacher_rank(cfg, layout)
-        return {}
-    fill_latent_width(cfg, read_meta(cfg.data.path))  # before the model is built: ZeRO-3 must see the projection
-    bridge = connect_bridge(layout, cfg.teacher.startup_timeout) if layout is not None else (None, None)
-    if layout is not None:
-        count_local_trainers(bridge[0], layout)
+    meta = read_meta(cfg.data.path)
+    if not torch.cuda.is_available():  # each local rank gets its share of the cores, not all of them
+        torch.set_num_threads(cpu_threads())
+    role = find_role(cfg)
+    store = group = local_trainers = None
+    if role.layout.teacher_ranks:
+        store, group = connect_bridge(role, bridge_port(cfg, role), cfg.teacher.startup_timeout)
+        local_trainers = count_local_trainers(store, role)
+    write_role_env(role, local_trainers)  # before DeepSpeed: teacher ranks must not be in the trainers' world
+    if role.is_teacher:
+        run_teacher_rank(cfg, role, store, group)
+        return None
+    fill_latent_width(cfg, meta)  # before the model is built: ZeRO-3 must see the projection
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    meta = read_meta(cfg.data.path)
     pad_id = meta.special_ids.get("pad")
     t = cfg.train
-    pipeline = t.pipeline_stages > 1
-    if pipeline:
-        from ds_mtp.pipeline import build_pipeline_engine, describe_stages, train_step
+    if t.pipeline_stages > 1:
+        from ds_mtp.pipeline import build_pipeline_engine, describe_stages
 
         engine, loss_fn, n_params = build_pipeline_engine(cfg, pad_id)
-        dp_rank, dp_size = engine.grid.data_parallel_id, engine.grid.data_parallel_size
+        model, dp_rank, dp_size = None, engine.grid.data_parallel_id, engine.grid.data_parallel_size
         holds_heads = engine.is_last_stage()
         stages_line = describe_stages(engine)
     else:
         engine, model = build_engine(cfg, pad_id)
-        dp_rank, dp_size, n_params = rank, world, count_parameters(model)
-        holds_heads = True
-    if layout is not None and layout.replica_of(rank) != (dp_rank if holds_heads else None):
-        raise RuntimeError(f"rank {rank}: the teachers' layout (replica {layout.replica_of(rank)}) disagrees with "
-                           f"DeepSpeed's grid (replica {dp_rank}, last stage {holds_heads})")
-    device = engine.device
-    ckpt_dir = run_dir / CHECKPOINT_DIR
-
-    start_step = 0
-    if resume:
-        load_path, client = engine.load_checkpoint(str(ckpt_dir))
-        if load_path is None:
-            raise UserError(f"--resume: could not load a checkpoint from {ckpt_dir}")
-        start_step = client["step"]
-        rng_file = Path(load_path if Path(load_path).is_dir() else ckpt_dir / client["tag"]) / f"rng_rank{rank}.pt"
-        if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
-
-    sampler = window_sampler(cfg, cfg.data.split, seed=t.seed, dp_rank=dp_rank, dp_size=dp_size)
+        loss_fn, dp_rank, dp_size, n_params, holds_heads = None, rank, world, count_parameters(model), True
+    fed_replica = role.layout.replica_of(role.rank) if role.layout.teacher_ranks else None
+    if role.layout.teacher_ranks and fed_replica != (dp_rank if holds_heads else None):
+        raise RuntimeError(f"rank {rank}: the teachers' layout (replica {fed_replica}) disagrees with DeepSpeed's "
+                           f"grid (replica {dp_rank}, last stage {holds_heads})")
+    start_step = resume_checkpoint(engine, paths, rank) if resume else 0
     validator = None
     if t.eval_every:
-        from ds_mtp.validation import EVAL_SEED, Validator, format_eval
+        from ds_mtp.validation import EVAL_SEED, Validator
 
         validator = Validator(cfg, window_sampler(cfg, cfg.data.eval_split, seed=EVAL_SEED, dp_rank=dp_rank,
-                                                  dp_size=dp_size), pad_id, loss_fn if pipeline else None)
-    monitor = Monitor(run_dir, resume_step=start_step, enabled=rank == 0)
-    K = cfg.model.mtp_k
-    tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * dp_size
-    flops_per_token = (model_flops_per_token(model, t.seq_len)
-                       if torch.cuda.is_available() and not pipeline else 0.0)
+                                                  dp_size=dp_size), pad_id, loss_fn)
+    trainer = Trainer(cfg, paths, engine, model, loss_fn,
+                      sampler=window_sampler(cfg, cfg.data.split, seed=t.seed, dp_rank=dp_rank, dp_size=dp_size),
+                      feed=open_feed(cfg, role.layout if store else None, group, engine.device, role.rank, meta,
+                                     holds_heads),
+                      validator=validator, monitor=Monitor(paths.path, resume_step=start_step, enabled=rank == 0),
+                      rank=rank, world=world, dp_size=dp_size, pad_id=pad_id, start_step=start_step,
+                      bridge_store=store)
+    if torch.cuda.is_available() and model is not None:
+        trainer.flops_per_token = model_flops_per_token(model, t.seq_len)
     if rank == 0:
-        if pipeline:
+        if trainer.pipeline:
             print(f"[ds-mtp] pipeline of {t.pipeline_stages} stages x {dp_size} data-parallel: {stages_line}",
                   flush=True)
-        print(f"[ds-mtp] {n_params:,} parameters, K={K} ({cfg.model.head_type}), ZeRO-{t.zero_stage}, "
-              f"{world} rank(s) on {device}, {tokens_per_step} tokens/step, steps {start_step}->{t.max_steps}",
-              flush=True)
+        print(f"[ds-mtp] {n_params:,} parameters, K={cfg.model.mtp_k} ({cfg.model.head_type}), ZeRO-{t.zero_stage}, "
+              f"{world} rank(s) on {engine.device}, {trainer.tokens_per_step} tokens/step, "
+              f"steps {start_step}->{t.max_steps}", flush=True)
         if validator is not None:
             print(f"[ds-mtp] {validator.describe()}", flush=True)
+    return trainer
 
-    def save(step: int) -> None:
-        tag = f"step{step}"
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "tag": tag, "pad_id": pad_id})
-        torch.save(_rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
-        dist.barrier()
 
-    end_step = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
-    feed = open_feed(cfg, layout, bridge[1], device, rank, meta, holds_heads)
-    if feed is not None:
-        feed.start(start_step * t.grad_accum, end_step * t.grad_accum)
-    last: dict = {}
-    for step in range(start_step, end_step):
-        started = time.perf_counter()
-        lr = engine.get_lr()[0]
-        heads_on = active_heads(cfg.objective.curriculum, K, step)
-        (loss_fn if pipeline else model).active_heads = heads_on
-        if pipeline:  # the terms come from the last stage of each of the dp_size pipelines
-            sums = train_step(engine, loss_fn, sampler, step, t.grad_accum, 1 + 4 * K, feed)
-        else:
-            sums = torch.zeros(1 + 4 * K, dtype=torch.float64)
-            for micro in range(t.grad_accum):
-                micro_index = step * t.grad_accum + micro
-                batch = sampler.batch(micro_index)
-                latent = feed.targets(micro_index, batch.tokens, batch.doc_ids) if feed is not None else (None, None)
-                out = engine(batch.tokens.to(device), batch.doc_ids.to(device), *latent)
-                engine.backward(out["loss"])
-                engine.step()
-                terms = [out["loss"], *out["ce"], *out["latent"], *out["semantic"], *out["acc"]]
-                sums[: len(terms)] += torch.stack([x.detach().float().cpu() for x in terms]).double()
-        if world > 1:  # on the engine's device: NCCL reduces only GPU tensors
-            sums = sums.to(device)
-            dist.all_reduce(sums)
-            sums = sums.cpu()
-        sums /= t.grad_accum * dp_size
-        grad_norm = engine.get_global_grad_norm()
-        elapsed = time.perf_counter() - started
-        # Maxima over ranks in one all-reduce: the rank closest to running out of memory, and the fed rank
-        # that waited longest for its teacher this step (the overlap check).
-        maxima = torch.tensor([peak_memory_gib(), feed.wait_s if feed is not None else 0.0], dtype=torch.float64)
-        if feed is not None:
-            feed.wait_s = 0.0
-        if world > 1:
-            maxima = maxima.to(device)
-            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-            maxima = maxima.cpu()
-        row = {"step": step + 1, "tokens": (step + 1) * tokens_per_step, "loss": sums[0].item()}
-        row.update({f"ce_{k}": sums[k].item() for k in range(1, K + 1)})
-        row.update({f"latent_{k}": sums[K + k - 1].item() for k in range(2, K + 1)})
-        row.update({f"semantic_{k}": sums[2 * K + k - 2].item() for k in range(2, K + 1)})
-        row.update({f"acc_{k}": sums[3 * K + k - 2].item() for k in range(1, K + 1)})
-        row.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
-                   tokens_per_s=tokens_per_step / elapsed, peak_mem_gib=maxima[0].item())
-        if flops_per_token:
-            row["tflops_per_gpu"] = flops_per_token * tokens_per_step / elapsed / world / 1e12
-            if t.peak_tflops:
-                row["mfu"] = row["tflops_per_gpu"] / t.peak_tflops
-        if source_class(cfg) is not None:
-            row["teacher_wait_s"] = maxima[1].item()
-        if cfg.objective.curriculum:
-            row["active_heads"] = heads_on
-        eval_line = ""
-        if validator is not None and validator.due(step + 1):  # after the step's timing: not in tokens_per_s
-            evaluated, positions = validator.run(engine, world)
-            row.update(evaluated)
-            eval_line = format_eval(step + 1, t.max_steps, evaluated, positions, validator.split)
-        monitor.log(row)
-        last = row
-        if rank == 0 and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps):
-            print(f"[ds-mtp] step {step + 1}/{t.max_steps} loss {row['loss']:.4f} ce_1 {row['ce_1']:.4f} "
-                  f"lr {lr:.2e} {row['tokens_per_s']:.0f} tok/s", flush=True)
-        if rank == 0 and eval_line:
-            print(eval_line, flush=True)
-        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < end_step:
-            save(step + 1)
-    if feed is not None:
-        feed.close()
-    if start_step < end_step:
-        save(end_step)
-    if t.save_model and end_step == t.max_steps and pipeline:
-        if rank == 0:  # the stages' weights are on disk in the checkpoint just written
+def resume_checkpoint(engine, paths: RunDir, rank: int) -> int:
+    """Load the newest complete checkpoint (ds_mtp.checkpoint.resume_tag); returns its step."""
+    from ds_mtp import checkpoint
+
+    tag, note = checkpoint.resume_tag(paths)
+    if note and rank == 0:
+        print(f"[ds-mtp] {note}", flush=True)
+    client = checkpoint.load(engine, paths, tag)
+    return int(client["step"])
+
+
+# ----------------------------------------------------------------------------------------------
+# One optimizer step per layout: the summed pack_terms of its micro-batches (zero on ranks without the heads)
+
+def zero_step(tr: Trainer, step: int) -> torch.Tensor:
+    from ds_mtp.objective import pack_terms
+
+    t, device = tr.cfg.train, tr.engine.device
+    sums = torch.zeros(0, dtype=torch.float64)
+    for micro in range(t.grad_accum):
+        index = step * t.grad_accum + micro
+        batch = tr.sampler.batch(index)
+        latent = tr.feed.targets(index, batch.tokens, batch.doc_ids) if tr.feed is not None else (None, None)
+        out = tr.engine(batch.tokens.to(device), batch.doc_ids.to(device), *latent)
+        tr.engine.backward(out["loss"])
+        tr.engine.step()
+        terms = pack_terms(out).cpu().double()
+        sums = terms if micro == 0 else sums + terms
+    return sums
+
+
+def pipeline_step(tr: Trainer, step: int) -> torch.Tensor:
+    from ds_mtp.objective import term_names
+    from ds_mtp.pipeline import micro_batches
+
+    t = tr.cfg.train
+    tr.loss_fn.terms.clear()
+    tr.engine.train_batch(data_iter=micro_batches(tr.sampler, step, t.grad_accum, tr.engine.device, tr.feed))
+    sums = torch.zeros(len(term_names(tr.cfg.model.mtp_k)), dtype=torch.float64)
+    for terms in tr.loss_fn.terms:  # only the last stage computes the loss
+        sums += terms.double().cpu()
+    return sums
+
+
+# ----------------------------------------------------------------------------------------------
+# Reduce and log
+
+def _all_reduce(tr: Trainer, values: torch.Tensor, op=None) -> torch.Tensor:
+    """Sum (or ``op``) over the trainers' world, on the engine's device: NCCL reduces only GPU tensors."""
+    if tr.world == 1:
+        return values
+    import deepspeed.comm as dist
+
+    values = values.to(tr.engine.device)
+    dist.all_reduce(values, **({"op": op} if op is not None else {}))
+    return values.cpu()
+
+
+def reduce_step(tr: Trainer, step: int, sums: torch.Tensor, lr: float, seconds: float, stop_here: bool,
+                heads_on: int) -> tuple[dict, bool]:
+    """The step's metrics row (terms averaged over micro-batches and replicas), and whether any rank asked to stop."""
+    import deepspeed.comm as dist
+
+    from ds_mtp.monitor import peak_memory_gib
+    from ds_mtp.objective import unpack_terms
+    from ds_mtp.teacher import source_class
+
+    t = tr.cfg.train
+    sums = _all_reduce(tr, sums) / (t.grad_accum * tr.dp_size)
+    grad_norm = tr.engine.get_global_grad_norm()
+    # Maxima over ranks in one all-reduce: the rank closest to running out of memory, the fed rank that waited
+    # longest for its teacher this step (the overlap check), and whether any rank was asked to stop.
+    maxima = _all_reduce(tr, torch.tensor([peak_memory_gib(), tr.feed.wait_s if tr.feed is not None else 0.0,
+                                           float(stop_here)], dtype=torch.float64), op=dist.ReduceOp.MAX)
+    if tr.feed is not None:
+        tr.feed.wait_s = 0.0
+    row = {"step": step + 1, "tokens": (step + 1) * tr.tokens_per_step, **unpack_terms(sums, tr.cfg.model.mtp_k)}
+    row.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
+               tokens_per_s=tr.tokens_per_step / seconds, peak_mem_gib=maxima[0].item())
+    if tr.flops_per_token:
+        row["tflops_per_gpu"] = tr.flops_per_token * tr.tokens_per_step / seconds / tr.world / 1e12
+        if t.peak_tflops:
+            row["mfu"] = row["tflops_per_gpu"] / t.peak_tflops
+    if source_class(tr.cfg) is not None:
+        row["teacher_wait_s"] = maxima[1].item()
+    if tr.cfg.objective.curriculum:
+        row["active_heads"] = heads_on
+    return row, bool(maxima[2].item())
+
+
+def is_bad_step(row: dict) -> bool:
+    """A step whose loss or gradient norm is not finite (DeepSpeed skipped its update, or will diverge)."""
+    return not math.isfinite(row["loss"]) or (row["grad_norm"] is not None and not math.isfinite(row["grad_norm"]))
+
+
+def log_step(tr: Trainer, row: dict) -> None:
+    t = tr.cfg.train
+    step = row["step"]
+    eval_line = ""
+    if tr.validator is not None and tr.validator.due(step):  # after the step's timing: not in tokens_per_s
+        from ds_mtp.validation import format_eval
+
+        evaluated, positions = tr.validator.run(tr.engine, tr.world)
+        row.update(evaluated)
+        eval_line = format_eval(step, t.max_steps, evaluated, positions, tr.validator.split)
+    tr.monitor.log(row)
+    tr.last = row
+    if tr.rank == 0 and (step % t.log_every == 0 or step == t.max_steps):
+        print(f"[ds-mtp] step {step}/{t.max_steps} loss {row['loss']:.4f} ce_1 {row['ce_1']:.4f} "
+              f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s", flush=True)
+    if tr.rank == 0 and eval_line:
+        print(eval_line, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Save and finish
+
+def save(tr: Trainer, step: int) -> None:
+    from ds_mtp import checkpoint
+
+    checkpoint.save(tr.engine, tr.paths, step, {"pad_id": tr.pad_id})
+
+
+def export_model(tr: Trainer, step: int) -> None:
+    """RUN_DIR/model from the weights of the last step."""
+    import deepspeed.comm as dist
+
+    if tr.pipeline:
+        if tr.rank == 0:  # the stages' weights are on disk in the checkpoint just written
+            from ds_mtp.checkpoint import tag_of
             from ds_mtp.export import export_checkpoint
 
-            export_checkpoint(run_dir, run_dir / MODEL_DIR, tag=f"step{end_step}", overwrite=True)
-    elif t.save_model and end_step == t.max_steps:
-        state = consolidated_state_dict(engine)
-        if rank == 0:
-            save_exported(model, state, run_dir / MODEL_DIR, extra={"data": cfg.data.__dict__})
-    monitor.close()
+            export_checkpoint(tr.paths.path, tr.paths.model, tag=tag_of(step), overwrite=True)
+    else:
+        from ds_mtp.engine import consolidated_state_dict
+        from ds_mtp.model import save_exported
+
+        state = consolidated_state_dict(tr.engine)
+        if tr.rank == 0:
+            save_exported(tr.model, state, tr.paths.model, extra={"data": tr.cfg.data.__dict__})
     dist.barrier()
-    return last
+
+
+def _stop_requested(tr: Trainer, signals: StopSignals) -> bool:
+    if signals.received is not None:
+        return True
+    from ds_mtp.teacher import STOP_KEY
+
+    return tr.bridge_store is not None and tr.bridge_store.check([STOP_KEY])
+
+
+def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
+    """Train on every rank of the current launch. Returns the last step's metrics (rank 0) or {}.
+
+    Raises Preempted (exit 75) after saving a checkpoint when a rank got SIGTERM / SIGINT, and Diverged (exit 4)
+    after train.max_bad_steps non-finite steps in a row."""
+    from ds_mtp.objective import active_heads
+
+    with StopSignals() as signals:
+        tr = setup(cfg, RunDir(run_dir), resume, signals)
+        if tr is None:
+            return {}
+        t, K = tr.cfg.train, tr.cfg.model.mtp_k
+        step_fn = pipeline_step if tr.pipeline else zero_step
+        bad_steps = 0
+        try:
+            for step in range(tr.start_step, tr.end_step):
+                started = time.perf_counter()
+                lr = tr.engine.get_lr()[0]
+                heads_on = active_heads(tr.cfg.objective.curriculum, K, step)
+                (tr.loss_fn if tr.pipeline else tr.model).active_heads = heads_on
+                sums = step_fn(tr, step)
+                row, stop = reduce_step(tr, step, sums, lr, time.perf_counter() - started,
+                                        _stop_requested(tr, signals), heads_on)
+                bad_steps = bad_steps + 1 if is_bad_step(row) else 0
+                if t.max_bad_steps and bad_steps >= t.max_bad_steps:
+                    tr.monitor.log(row)
+                    raise Diverged(f"training diverged: {bad_steps} steps in a row up to step {step + 1} had a "
+                                   f"non-finite loss or gradient norm (loss {row['loss']}, grad norm "
+                                   f"{row['grad_norm']}); the last good checkpoint is kept and no model is exported "
+                                   f"(lower train.lr, or raise train.max_bad_steps)")
+                log_step(tr, row)
+                if stop:
+                    save(tr, step + 1)
+                    raise Preempted(f"stopped at step {step + 1} by a signal; checkpoint step{step + 1} saved in "
+                                    f"{tr.paths.checkpoints}: continue with --resume")
+                if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < tr.end_step:
+                    save(tr, step + 1)
+            if tr.feed is not None:
+                tr.feed.close()
+                tr.feed = None
+            if tr.start_step < tr.end_step:
+                save(tr, tr.end_step)
+            if t.save_model and tr.end_step == t.max_steps:
+                export_model(tr, tr.end_step)
+        except (Preempted, Diverged):
+            if tr.feed is not None:  # the teachers have targets in flight: take them, then say stop
+                tr.feed.close(drain=True)
+            raise
+        finally:
+            tr.monitor.close()
+        return tr.last

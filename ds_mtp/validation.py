@@ -115,9 +115,9 @@ class Validator:
         """Evaluate (a collective: call on every rank). Returns (metrics {eval_ce_k, eval_acc_k}, positions of head 1)."""
         import deepspeed.comm as dist
 
-        from ds_mtp.train import _rng_state, _set_rng_state
+        from ds_mtp.checkpoint import rng_state, set_rng_state
 
-        rng = _rng_state()
+        rng = rng_state()
         module = engine.module
         was_training = module.training
         module.eval()
@@ -129,7 +129,7 @@ class Validator:
                     sums = _zero_sums(engine, self.sampler, self.batches, self.pad_id, engine.device)
         finally:
             module.train(was_training)
-            _set_rng_state(rng)
+            set_rng_state(rng)
         if world > 1:  # on the engine's device: NCCL reduces only GPU tensors
             sums = sums.to(engine.device)
             dist.all_reduce(sums)

@@ -5,41 +5,10 @@ from __future__ import annotations
 import shutil
 import socket
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from ds_mtp.config import RunConfig
 from ds_mtp.errors import UserError
-
-
-@dataclass
-class Layout:
-    """How a launch's ranks split: the last ``teacher_ranks`` serve latent targets, the rest train as
-    ``pipeline_stages`` x ``data_parallel`` ranks."""
-
-    world_size: int
-    teacher_ranks: int
-    pipeline_stages: int
-    data_parallel: int
-
-    @property
-    def trainers(self) -> int:
-        return self.world_size - self.teacher_ranks
-
-
-def teacher_ranks(cfg: RunConfig) -> int:
-    """Teacher ranks the run config asks for (the ``teacher`` section is optional in a run config)."""
-    teacher = getattr(cfg, "teacher", None)
-    return int(getattr(teacher, "ranks", 0) or 0)
-
-
-def check_layout(world_size: int, pipeline_stages: int, n_teachers: int) -> Layout:
-    from ds_mtp.teacher import check_rank_counts
-
-    if world_size < 1:
-        raise UserError(f"a launch needs at least one rank (got {world_size})")
-    _, replicas = check_rank_counts(world_size, pipeline_stages, n_teachers)
-    return Layout(world_size, n_teachers, pipeline_stages, replicas)
 
 
 def check_ds_config(cfg: RunConfig, data_parallel: int) -> dict:
@@ -47,15 +16,6 @@ def check_ds_config(cfg: RunConfig, data_parallel: int) -> dict:
     from ds_mtp.engine import build_ds_config
 
     return build_ds_config(cfg, data_parallel, gpu=_gpu_count() > 0)
-
-
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """The run-directory rules of ds_mtp.train.prepare_run, without writing anything (for --dry-run)."""
-    has_checkpoint = (run_dir / "checkpoints" / "latest").is_file()
-    if resume and not has_checkpoint:
-        raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-    if not resume and (has_checkpoint or (run_dir / "metrics.jsonl").exists()):
-        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --run-dir")
 
 
 def is_local_address(addr: str) -> bool:

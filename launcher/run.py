@@ -8,12 +8,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ds_mtp.errors import UserError
+from ds_mtp.errors import EXIT_PREEMPTED, UserError
+from ds_mtp.ranks import DEFAULT_MASTER_PORT, SLURM_MARKER, RankLayout, layout_of
+from ds_mtp.run_dir import RunDir, RunLock, check_new_or_resume
 from launcher import checks
 from launcher.commands import LAUNCHERS, deepspeed_command, mpirun_command, render
 from launcher.hostfile import read_hostfile, select_slots
-
-DEFAULT_MASTER_PORT = 29500
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Launch:
     command: list[str]
     env: dict[str, str]
     nodes: dict[str, list[int]]
-    layout: checks.Layout
+    layout: RankLayout
     master_port: int
     leads: bool
     """True when this invocation prepares the run directory (it starts rank 0's node, or all nodes)."""
@@ -108,18 +108,22 @@ def _train_args(o: LaunchOptions) -> list[str]:
 def plan_launch(o: LaunchOptions) -> tuple[Launch, object]:
     """Check everything that can be checked here and compose the command. Returns (launch, run config)."""
     from ds_mtp.config import load_config
-    from ds_mtp.train import resolve_data
+    from ds_mtp.run_data import resolve_data
 
     _check_flags(o)
     cfg = load_config(o.config, o.overrides)
     nodes = _nodes(o)
     world = sum(len(slots) for slots in nodes.values())
-    layout = checks.check_layout(world, cfg.train.pipeline_stages, checks.teacher_ranks(cfg))
+    layout = layout_of(cfg, world)
+    if cfg.train.pipeline_stages > 1:
+        from ds_mtp.pipeline import check_layout
+
+        check_layout(cfg, world)
     cfg = resolve_data(cfg)
     checks.check_ds_config(cfg, layout.data_parallel)
     leads = not o.no_ssh or o.node_rank == 0
     if leads:
-        checks.check_run_dir(Path(o.run_dir), o.resume)
+        check_new_or_resume(RunDir(o.run_dir), o.resume)
     port = _master_port(o, nodes, layout, cfg)
 
     # Without an address DeepSpeed asks the first host over ssh; under slurm that host is rank 0's node.
@@ -128,8 +132,8 @@ def plan_launch(o: LaunchOptions) -> tuple[Launch, object]:
     if leads:
         env["DS_MTP_PREPARED"] = "1"  # rank 0 need not check and write RUN_DIR/config.json again
     if o.launcher == "slurm":
-        # srun --export=ALL hands these to every task; ds_mtp.launch.adopt_slurm_env maps SLURM_PROCID to RANK.
-        env.update(DS_MTP_SLURM="1", MASTER_ADDR=master_addr, MASTER_PORT=str(port))
+        # srun --export=ALL hands these to every task; ds_mtp.ranks.read_launch maps SLURM_PROCID to the rank.
+        env.update({SLURM_MARKER: "1", "MASTER_ADDR": master_addr, "MASTER_PORT": str(port)})
     if o.launcher == "mpirun":
         command = _mpirun(o, nodes, world, port, env)
     else:
@@ -137,7 +141,7 @@ def plan_launch(o: LaunchOptions) -> tuple[Launch, object]:
     return Launch(command, env, nodes, layout, port, leads, _summary(o, nodes, layout, cfg)), cfg
 
 
-def _master_port(o: LaunchOptions, nodes: dict[str, list[int]], layout: checks.Layout, cfg) -> int:
+def _master_port(o: LaunchOptions, nodes: dict[str, list[int]], layout: RankLayout, cfg) -> int:
     """--master-port, else 29500 (a single node moves to a free port); checked when rank 0 runs here."""
     port = o.master_port
     if not port:
@@ -181,7 +185,7 @@ def _deepspeed(o: LaunchOptions, nodes: dict[str, list[int]], world: int, port: 
     return deepspeed_command(runner, _train_args(o), master_port=port, nproc=world, launcher_args=o.launcher_args)
 
 
-def _summary(o: LaunchOptions, nodes: dict[str, list[int]], layout: checks.Layout, cfg) -> str:
+def _summary(o: LaunchOptions, nodes: dict[str, list[int]], layout: RankLayout, cfg) -> str:
     t = cfg.train
     where = (f"{len(nodes)} node(s) ({', '.join(f'{h}:{len(s)}' for h, s in nodes.items())})" if o.hostfile
              else "this node")
@@ -207,19 +211,99 @@ def _check_back_end(o: LaunchOptions, plan: Launch) -> None:
         raise UserError(f"--launcher {o.launcher} needs {program}, which is not installed here{hint}")
 
 
+def is_rank_command(argv: list[str]) -> bool:
+    """A rank's command line: ``python [-u] -m ds_mtp.cli ...`` or ``python launcher/rank.py ...``; not the
+    launchers around it (deepspeed's runner and launch.py, mpirun), whose arguments name ds_mtp.cli too."""
+    if not argv or not Path(argv[0]).name.startswith("python"):
+        return False
+    args = [a for a in argv[1:] if a != "-u"]
+    return args[:2] == ["-m", "ds_mtp.cli"] or (bool(args) and args[0].endswith("launcher/rank.py"))
+
+
+def _rank_processes(root: int) -> list:
+    """The rank processes below the launcher process ``root``."""
+    import psutil
+
+    try:
+        below = psutil.Process(root).children(recursive=True)
+    except psutil.Error:
+        return []
+    ranks = []
+    for proc in below:
+        try:
+            if is_rank_command(proc.cmdline()):
+                ranks.append(proc)
+        except psutil.Error:
+            continue
+    return ranks
+
+
+def supervise(command: list[str], env: dict[str, str], run_dir: RunDir) -> int:
+    """Run the launcher command and return its exit code. SIGTERM or SIGINT to this process goes to every rank
+    below it as SIGTERM: the ranks save a checkpoint at their next step boundary and exit EXIT_PREEMPTED
+    (DeepSpeed's single-node runner would die and leave them running; docs/reliability.md)."""
+    import signal
+
+    import time
+
+    proc = subprocess.Popen(command, env=env)
+    received: list[float] = []  # when each signal came
+    ranks: list = []
+
+    def forward(signum, frame) -> None:
+        received.append(time.time())
+        ranks[:] = _rank_processes(proc.pid) or ranks
+        for rank in ranks:
+            try:
+                rank.send_signal(signal.SIGTERM)
+            except Exception:  # noqa: BLE001 - a rank that has just exited
+                pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+        if received:
+            import psutil
+
+            psutil.wait_procs(ranks, timeout=600)  # the runner may have died first: wait for the ranks' saves
+            if code != EXIT_PREEMPTED and _saved_since(run_dir, received[0]):
+                code = EXIT_PREEMPTED
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code
+
+
+def _saved_since(run_dir: RunDir, when: float) -> bool:
+    """Whether the ranks moved `latest` (saved a complete checkpoint) after the stop signal."""
+    try:
+        return run_dir.latest.stat().st_mtime >= when
+    except OSError:
+        return False
+
+
 def launch(o: LaunchOptions) -> int:
-    """Check, print the exact command, and run it (unless dry_run). Returns the launcher's exit code."""
+    """Check, print the exact command, and run it (unless dry_run). Returns the launcher's exit code.
+
+    The invocation that leads (all nodes, or node rank 0 of --no-ssh) holds RUN_DIR's lock from before its checks
+    until the ranks have exited, so a second writer is refused before it reads anything."""
     from ds_mtp.train import prepare_run
 
-    plan, cfg = plan_launch(o)
-    print(plan.summary)
-    print(render(plan.command, plan.env), flush=True)
-    if o.dry_run:
-        return 0
-    _check_back_end(o, plan)
-    if plan.leads:
-        prepare_run(cfg, o.run_dir, o.resume)
+    lock = RunLock(RunDir(o.run_dir))
+    if not o.dry_run and (not o.no_ssh or o.node_rank == 0):
+        lock.acquire()
     try:
-        return subprocess.call(plan.command, env={**os.environ, **plan.env})
-    except FileNotFoundError as e:
-        raise UserError(f"cannot start {plan.command[0]}: {e.strerror}") from None
+        plan, cfg = plan_launch(o)
+        print(plan.summary)
+        print(render(plan.command, plan.env), flush=True)
+        if o.dry_run:
+            return 0
+        _check_back_end(o, plan)
+        if plan.leads:
+            prepare_run(cfg, o.run_dir, o.resume)
+        try:
+            return supervise(plan.command, {**os.environ, **plan.env}, RunDir(o.run_dir))
+        except FileNotFoundError as e:
+            raise UserError(f"cannot start {plan.command[0]}: {e.strerror}") from None
+    finally:
+        lock.release()

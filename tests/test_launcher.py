@@ -12,7 +12,7 @@ from ds_mtp.config import load_config
 from ds_mtp.engine import free_port
 from ds_mtp.errors import UserError
 from ds_mtp.monitor import read_metrics
-from launcher.checks import check_layout, find_executable
+from launcher.checks import find_executable
 from launcher.hostfile import parse_hostfile_text, select_slots
 from tests.conftest import REPO, run_cli
 
@@ -87,20 +87,6 @@ def test_include_exclude_and_per_node_caps():
                             (dict(exclude="a@b@c"), "leaves no slot")]:
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
             select_slots(hosts, **kwargs)
-
-
-def test_layout_sets_teacher_ranks_aside_before_dividing_by_stages():
-    layout = check_layout(5, pipeline_stages=2, n_teachers=1)
-    assert (layout.trainers, layout.data_parallel) == (4, 2)
-    with pytest.raises(UserError, match=r"train.pipeline_stages=2 needs a multiple of 2 trainer ranks, got 3 \(4 "
-                                        r"ranks less 1 teacher rank\(s\)\)"):
-        check_layout(4, pipeline_stages=2, n_teachers=1)
-    with pytest.raises(UserError, match="leaves no trainer"):
-        check_layout(2, pipeline_stages=1, n_teachers=2)
-    # only the last stage of each replica reads targets: a teacher per replica at most
-    assert check_layout(6, pipeline_stages=2, n_teachers=2).data_parallel == 2
-    with pytest.raises(UserError, match=r"teacher.ranks=2 is more than the 1 data-parallel replica\(s\) they feed"):
-        check_layout(4, pipeline_stages=2, n_teachers=2)
 
 
 # --- composed commands ----------------------------------------------------------------------------
@@ -246,22 +232,6 @@ def test_missing_config_and_flag_misuse(tmp_path, token_data, capsys):
         f"data.path={token_data}", *TINY)
 
 
-def test_slurm_tasks_take_rank_and_world_from_slurm_only_under_ds_mtp_launch(monkeypatch):
-    from ds_mtp.launch import inside_launch
-
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK",
-                "DS_MTP_SLURM"):
-        monkeypatch.setenv(var, "")  # recorded, so that what adopt_slurm_env sets is undone afterwards
-        monkeypatch.delenv(var)
-    monkeypatch.setenv("SLURM_PROCID", "3")
-    monkeypatch.setenv("SLURM_NTASKS", "8")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    assert not inside_launch()  # `ds-mtp train` typed inside an allocation is a single process
-    monkeypatch.setenv("DS_MTP_SLURM", "1")
-    assert inside_launch()
-    assert [os.environ[v] for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK")] == ["3", "8", "1"]
-
-
 def test_rank_script_runs_the_cli_from_any_directory(tmp_path):
     import subprocess
 
@@ -359,3 +329,13 @@ def test_each_shipped_ds_config_is_documented_and_builds(path):
     assert ds["train_batch_size"] == cfg.train.micro_batch * 2 * 3
     assert ds["bf16"]["enabled"] == raw.get("bf16", {}).get("enabled", False)  # CPU: bf16 only where the file says
     assert "optimizer" not in ds and "scheduler" not in ds
+
+
+def test_signals_go_to_the_ranks_not_to_the_launchers_around_them():
+    from launcher.run import is_rank_command
+
+    assert is_rank_command(["/v/bin/python", "-u", "-m", "ds_mtp.cli", "train", "--local_rank=1"])
+    assert is_rank_command(["python3", "/repo/launcher/rank.py", "train"])
+    assert not is_rank_command(["/v/bin/python", "-u", "-m", "deepspeed.launcher.launch", "--module", "ds_mtp.cli"])
+    assert not is_rank_command(["/v/bin/python", "-m", "deepspeed.launcher.runner", "--module", "ds_mtp.cli"])
+    assert not is_rank_command(["/usr/bin/mpirun", "-n", "2", "python", "-u", "-m", "ds_mtp.cli", "train"])

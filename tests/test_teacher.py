@@ -17,8 +17,9 @@ from ds_mtp.errors import UserError
 from ds_mtp.model import AttentionLayout, MTPModel, load_exported, save_exported
 from ds_mtp.monitor import read_metrics
 from ds_mtp.objective import lse_mtp_loss
-from ds_mtp.teacher import CheckpointTeacher, Layout, LocalFeed, RemoteFeed, fill_latent_width, head_targets
-from ds_mtp.train import resolve_data
+from ds_mtp.ranks import RankLayout
+from ds_mtp.teacher import CheckpointTeacher, LocalFeed, RemoteFeed, fill_latent_width, head_targets
+from ds_mtp.run_data import resolve_data
 
 
 def run_config(data, teacher_dir, *extra):
@@ -53,7 +54,7 @@ def test_checkpoint_teacher_states_are_the_models_hidden_states(token_data, teac
     with pytest.raises(UserError, match="model.latent_width=40, but the teacher checkpoint:.* has width 32"):
         fill_latent_width(run_config(token_data, teacher_dir, "model.d_model=48", "model.latent_width=40"), meta)
     # trainers receive buffers of the teacher's width from teacher ranks
-    feed = RemoteFeed(wide_cfg, Layout(0, 2, 1, "127.0.0.1", 0), None, "cpu", 0)
+    feed = RemoteFeed(wide_cfg, RankLayout(2, 1), None, "cpu", 0)
     assert feed.shape == (4, 32, 32)
 
 
@@ -255,21 +256,23 @@ def test_local_feed_matches_teacher_on_the_samplers_batches(token_data, teacher_
 BRIDGE_PROBE = r"""
 import os, sys, time, torch
 from ds_mtp.config import load_config
-from ds_mtp.train import resolve_data
-from ds_mtp.teacher import split_roles, connect_bridge, run_teacher_rank, RemoteFeed, TeacherError
+from ds_mtp.run_data import resolve_data
+from ds_mtp.ranks import find_role, write_role_env
+from ds_mtp.teacher import bridge_port, connect_bridge, run_teacher_rank, RemoteFeed, TeacherError
 out_dir, (first, end), pause = sys.argv[1], map(int, sys.argv[2].split(":")), float(sys.argv[3])
 cfg = resolve_data(load_config(None, sys.argv[4:]))
-layout = split_roles(cfg)
+role = find_role(cfg)
 try:
-    if layout.is_teacher:
-        run_teacher_rank(cfg, layout)
+    store, group = connect_bridge(role, bridge_port(cfg, role), cfg.teacher.startup_timeout)
+    write_role_env(role)
+    if role.is_teacher:
+        run_teacher_rank(cfg, role, store, group)
         sys.exit(0)
-    store, group = connect_bridge(layout, cfg.teacher.startup_timeout)
-    feed = RemoteFeed(cfg, layout, group, "cpu", layout.global_rank)
+    feed = RemoteFeed(cfg, role.layout, group, "cpu", role.rank)
     feed.start(first, end)  # first > 0: a resumed run
     for micro in range(first, end):
         targets, _ = feed.targets(micro)
-        torch.save(targets.clone(), os.path.join(out_dir, f"rank{layout.global_rank}_micro{micro}.pt"))
+        torch.save(targets.clone(), os.path.join(out_dir, f"rank{role.rank}_micro{micro}.pt"))
         print(f"micro {micro}", flush=True)
         time.sleep(pause)
     feed.close()
@@ -450,56 +453,6 @@ def test_a_teacher_that_never_starts_fails_the_rendezvous(token_data, teacher_di
     last = err.strip().splitlines()[-1]  # (torch's C++ store may log a warning line before it)
     assert last.startswith("error: rank 0: trainer-teacher rendezvous on 127.0.0.1:"), err[-2000:]
     assert "failed within 2 s" in last
-
-
-def test_layout_feeds_the_last_pipeline_stage_of_each_replica():
-    # 2 stages x 2 replicas + 2 teachers: DeepSpeed's ranks are stage-major, so ranks 2 and 3 hold the heads
-    layout = Layout(0, 6, 2, "127.0.0.1", 0, pipeline_stages=2)
-    assert (layout.n_trainers, layout.replicas) == (4, 2)
-    assert [layout.replica_of(r) for r in range(4)] == [None, None, 0, 1]
-    assert layout.trainers_of(4) == [2] and layout.trainers_of(5) == [3]
-    # ZeRO: every trainer is fed, replicas shared round-robin among teachers
-    zero = Layout(0, 4, 1, "127.0.0.1", 0)
-    assert [zero.replica_of(r) for r in range(3)] == [0, 1, 2] and zero.trainers_of(3) == [0, 1, 2]
-    from ds_mtp.teacher import check_rank_counts
-
-    assert check_rank_counts(7, 3, 1) == (6, 2)
-    with pytest.raises(UserError, match="teacher.ranks=3 is more than the 2 data-parallel replica"):
-        check_rank_counts(7, 2, 3)
-
-
-@pytest.mark.parametrize("env, role", [
-    ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "3", "LOCAL_SIZE": "3"}, ("trainer", "0", "2")),
-    ({"RANK": "2", "LOCAL_RANK": "2", "WORLD_SIZE": "3", "LOCAL_SIZE": "3"}, ("teacher", "0", "1")),
-    # node 1 of two, as deepspeed numbers local ranks (global rank mod ranks per node)
-    ({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "3", "LOCAL_SIZE": "2"}, ("trainer", "1", "2")),
-    ({"RANK": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "3", "LOCAL_SIZE": "2"}, ("teacher", "0", "1")),
-])
-def test_split_roles_gives_each_role_its_own_world(monkeypatch, token_data, teacher_dir, env, role):
-    from ds_mtp.teacher import split_roles
-
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(var, raising=False)
-    for var, value in {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29600"}.items():
-        monkeypatch.setenv(var, value)
-    layout = split_roles(run_config(token_data, teacher_dir, "teacher.ranks=1"))
-    assert ("teacher" if layout.is_teacher else "trainer", os.environ["RANK"], os.environ["WORLD_SIZE"]) == role
-    assert os.environ["LOCAL_RANK"] == env["LOCAL_RANK"]  # the device a rank takes on its node
-    assert layout.bridge_port == 29601 and layout.global_rank == int(env["RANK"])
-
-
-def test_local_trainers_are_counted_by_host(monkeypatch):
-    import socket
-
-    import torch.distributed as dist
-
-    from ds_mtp.teacher import count_local_trainers
-
-    store = dist.HashStore()
-    store.set("ds_mtp_host/0", "node-0")  # trainer 0 on another machine; trainer 1 and the teacher here
-    monkeypatch.setattr(socket, "gethostname", lambda: "node-1")
-    monkeypatch.setenv("LOCAL_SIZE", "2")
-    assert count_local_trainers(store, Layout(1, 3, 1, "127.0.0.1", 0)) == 1 and os.environ["LOCAL_SIZE"] == "1"
 
 
 def _pids_with(*words: str) -> list[int]:

@@ -112,11 +112,12 @@ def test_no_data_given_exits_2_in_a_real_process(tmp_path):
 
 @pytest.mark.parametrize("env, cores, threads", [
     ({}, 16, 16),                                                     # a plain process takes the machine
-    ({"WORLD_SIZE": "4", "LOCAL_SIZE": "4"}, 16, 4),                  # deepspeed launcher: 4 ranks here
-    ({"WORLD_SIZE": "8", "LOCAL_SIZE": "2"}, 16, 8),                  # 2 of 8 ranks on this node
-    ({"LOCAL_WORLD_SIZE": "3", "WORLD_SIZE": "6"}, 16, 5),            # torchrun
-    ({"PMI_SIZE": "3", "MPI_LOCALNRANKS": "3"}, 2, 1),                # MPICH: 2 trainers + 1 teacher on 2 cores
-    ({"WORLD_SIZE": "4", "LOCAL_SIZE": "4", "OMP_NUM_THREADS": "2"}, 16, 2),  # the user's setting wins
+    ({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_SIZE": "4"}, 16, 4),  # deepspeed: 4 ranks here
+    ({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_SIZE": "2"}, 16, 8),  # 2 of 8 ranks on this node
+    ({"RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "3", "WORLD_SIZE": "6"}, 16, 5),  # torchrun
+    ({"PMI_RANK": "2", "PMI_SIZE": "3", "MPI_LOCALNRANKS": "3"}, 2, 1),  # MPICH: 2 trainers + 1 teacher, 2 cores
+    ({"PMI_RANK": "0", "PMI_SIZE": "3"}, 6, 2),                       # a launcher that says nothing of its node
+    ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "LOCAL_SIZE": "4", "OMP_NUM_THREADS": "2"}, 16, 2),
 ])
 def test_cpu_threads_share_the_node_between_its_ranks(env, cores, threads):
     from ds_mtp.train import cpu_threads

@@ -204,7 +204,7 @@ def test_evaluation_asks_a_teacher_rank_for_nothing(tmp_path, val_data, teacher_
 
 def test_a_worlds_heldout_split_is_evaluated_by_default(tmp_path):
     from ds_mtp.config import load_config
-    from ds_mtp.train import resolve_data
+    from ds_mtp.run_data import resolve_data
     from ds_mtp.experiments.worlds import make_world
 
     make_world("usg", "paper", tmp_path / "usg", seed=0)

@@ -33,6 +33,7 @@ import numpy as np
 
 from ds_mtp.data import has_manifest, write_atomic
 from ds_mtp.errors import UserError
+from ds_mtp.run_dir import RunDir
 
 SETTINGS_FILE = "reproduce.json"
 EVAL_FILE = "eval.json"
@@ -80,12 +81,14 @@ class Scale:
     sampling: str = "packed_documents"
     """data.sampling of the runs: whole paths packed into windows (masked), or "document" (one padded path per
     row, the paper's batches)."""
+    metrics: tuple[str, ...] | None = None
+    """The metrics of the suite to evaluate (ds_mtp.experiments.evaluate.suite.METRICS); None = all."""
     description: str = ""
 
     def to_dict(self) -> dict:
         return {"name": self.name, "train": list(self.train), "eval_scale": self.eval_scale,
                 "global_batch": self.global_batch, "nproc": self.nproc, "manhattan_pairs": self.manhattan_pairs,
-                "sampling": self.sampling}
+                "sampling": self.sampling, "metrics": list(self.metrics) if self.metrics else None}
 
 
 SCALES = {
@@ -112,16 +115,23 @@ SCALES = {
                    description="the paper's set-up: 6L/6H/d=120, batch 1024 paths (one per padded row), 20k steps, "
                                "lr 5e-4 -> 5e-5 cosine after 1k warm-up, AdamW(0.9, 0.95), wd 0.1, clip 1.0, bf16 on GPU"),
 }
+SCALES["demo"] = Scale(
+    # `ds-mtp demo` (`make demo`): the cpu recipe on 2 ranks, evaluated by decoding every held-out pair only
+    # (the paths metric; about 8 minutes on 2 cores for the three methods).
+    "demo", SCALES["cpu"].train, eval_scale="default", global_batch=SCALES["cpu"].global_batch, nproc=2,
+    metrics=("paths",),
+    description="the cpu recipe (1600 steps of 32 packed windows, lr 2e-3 cosine, ZeRO-1) on 2 CPU ranks; "
+                "path success on every held-out pair, greedy and sampled")
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation: the one place that knows the metric suite's API.
 
-def evaluate_model(model, world, eval_scale, seed: int) -> tuple[dict, dict[str, float]]:
+def evaluate_model(model, world, eval_scale, seed: int, metrics=None) -> tuple[dict, dict[str, float]]:
     """(full results, headline metrics {name: value}) of one exported model on the world."""
     from ds_mtp.experiments.evaluate.suite import evaluate_all, headline
 
-    results = evaluate_all(model, world, scale=eval_scale, seed=seed)
+    results = evaluate_all(model, world, scale=eval_scale, seed=seed, metrics=list(metrics) if metrics else None)
     return results, headline(results)
 
 
@@ -322,7 +332,7 @@ def plot_training_curves(runs: list[dict], methods: list[str], out_dir: Path, pa
     colors = dict(zip(METHODS, ["#4c72b0", "#dd8452", "#55a868"]))
     for key in methods:
         for i, run in enumerate(r for r in runs if r["method"] == key):
-            rows = read_metrics(out_dir / run["run_dir"] / "metrics.jsonl")
+            rows = read_metrics(RunDir(out_dir / run["run_dir"]).metrics)
             if not rows:
                 continue
             steps = [r["step"] for r in rows]
@@ -472,9 +482,10 @@ def run_state(run_dir: Path) -> str:
     """complete | trained | interrupted | new."""
     if (run_dir / EVAL_FILE).is_file():
         return "complete"
-    if (run_dir / "model" / "model.safetensors").is_file() and (run_dir / "model" / "config.json").is_file():
+    paths = RunDir(run_dir)
+    if (paths.model / "model.safetensors").is_file() and (paths.model / "config.json").is_file():
         return "trained"
-    if (run_dir / "checkpoints" / "latest").is_file():
+    if paths.has_checkpoint():
         return "interrupted"
     return "new"
 
@@ -587,10 +598,10 @@ def reproduce(world: str, methods: list[str], seeds: int, scale: str | Scale, ou
         eval_started = time.perf_counter()
         import torch
 
-        model = load_exported(run_dir / "model", device="cuda" if torch.cuda.is_available() else "cpu")
-        results, metrics = evaluate_model(model, world_obj, scale.eval_scale, seed)
+        model = load_exported(RunDir(run_dir).model, device="cuda" if torch.cuda.is_available() else "cpu")
+        results, metrics = evaluate_model(model, world_obj, scale.eval_scale, seed, scale.metrics)
         eval_seconds = time.perf_counter() - eval_started
-        rows = read_metrics(run_dir / "metrics.jsonl")
+        rows = read_metrics(RunDir(run_dir).metrics)
         metrics[HELDOUT_CE] = final_heldout_ce(rows)
         record = {"method": key, "name": method.name, "seed": seed, "k": k if method.multi_token else 1,
                   "lambda": method.lam, "run_dir": str(Path("runs") / name), "train_seconds": train_seconds,
