@@ -111,18 +111,6 @@ def plain_loss(model, tokens, doc_ids, lam: float):
     return loss
 
 
-def model_flops_per_token(model, spec: dict, seq_len: int) -> float:
-    """6 × matmul parameters (the unembedding once per head) + 12 × attention layers × d × T."""
-    import torch.nn as nn
-
-    cfg = model.cfg
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    if model.heads.unembed is not None:
-        linear -= model.heads.unembed.weight.numel()
-    attention_layers = cfg.n_layer + (spec["K"] - 1 if spec["head_type"] in ("block", "sequential") else 0)
-    return 6 * (linear + spec["K"] * cfg.vocab_size * cfg.d_model) + 12 * attention_layers * cfg.d_model * seq_len
-
-
 def build(spec: dict, shape: dict, args):
     """The model, optimizer and one training step of a configuration. Returns (step, model, batches)."""
     import torch
@@ -199,10 +187,12 @@ def timed_step(step, tokens, cuda: bool) -> tuple[float, float]:
 
 
 def summarise(spec: dict, shape: dict, model, walls: list, cpus: list, peak: int) -> dict:
+    from ds_mtp.monitor import model_flops_per_token  # the MFU convention training reports too
+
     ms = 1000 * statistics.median(walls)
     return dict(config=spec["name"], ms_per_step=ms, cpu_ms_per_step=1000 * statistics.median(cpus),
                 tokens_per_s=shape["batch"] * shape["seq_len"] / (ms / 1000), peak_bytes=peak,
-                flops_per_token=model_flops_per_token(model, spec, shape["seq_len"]),
+                flops_per_token=model_flops_per_token(model, shape["seq_len"]),
                 parameters=sum(p.numel() for p in model.parameters()))
 
 

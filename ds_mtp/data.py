@@ -40,12 +40,6 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:05d}"
 
 
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 def write_atomic(path: Path, data: bytes) -> None:
     """Write bytes under a temporary name, fsync, then rename into place."""
     path = Path(path)

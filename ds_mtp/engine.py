@@ -11,18 +11,22 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+import ds_configs
 from ds_mtp.config import RunConfig
 from ds_mtp.errors import UserError
 from ds_mtp.model import MTPModel
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 
-def default_ds_config_path(cfg: RunConfig) -> Path:
-    return DS_CONFIG_DIR / ("pipeline_zero1.json" if cfg.train.pipeline_stages > 1 else "zero3.json")
+def default_ds_config_path(cfg: RunConfig) -> Traversable:
+    """The shipped default (package data, so a non-editable install finds it too)."""
+    return ds_configs.shipped("pipeline_zero1.json" if cfg.train.pipeline_stages > 1 else "zero3.json")
 
 
 def on_gpu() -> bool:

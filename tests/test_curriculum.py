@@ -97,6 +97,7 @@ def _check_curriculum_rows(rows, steps):
     assert rows[0]["loss"] == pytest.approx(rows[0]["ce_1"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_training_run_switches_heads_on_and_resumes_exactly(tmp_path, token_data):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     args = [f"data.path={token_data}", *COMMON, "train.max_steps=6", "objective.curriculum=4", "train.save_model=false"]
@@ -116,6 +117,7 @@ def test_training_run_switches_heads_on_and_resumes_exactly(tmp_path, token_data
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_stage_pipeline_switches_heads_on(tmp_path, token_data):
     run = tmp_path / "p2"
     r = run_cli("train", "--nproc", "2", "--run-dir", str(run), f"data.path={token_data}", *COMMON,

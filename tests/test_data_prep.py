@@ -91,10 +91,28 @@ def test_output_is_identical_whatever_the_worker_count(corpus, tokenizer, refere
     assert shard_files(out) == shard_files(reference)
 
 
-def _prep(*args, env=None):
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+def _prep(*args):
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "data_prep", *args], capture_output=True, text=True, timeout=120,
                           env=full_env, cwd=REPO)
+
+
+# `python -c` program: `data_prep ARGS` SIGKILLed (no cleanup runs) right after it has absorbed unit N, before
+# that unit's checkpoint is due; the kill is patched into ShardRun.absorb, production code has no hook.
+KILLED_AFTER_UNIT_N = """
+import os, signal, sys
+from data_prep import shard
+from data_prep.cli import main
+absorb, absorbed = shard.ShardRun.absorb, []
+def absorb_then_die_at_n(run, result):
+    shard_done = absorb(run, result)
+    absorbed.append(result)
+    if len(absorbed) == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return shard_done
+shard.ShardRun.absorb = absorb_then_die_at_n
+sys.exit(main(sys.argv[2:]))
+"""
 
 
 @pytest.mark.parametrize("kill_after", [2, 9])
@@ -102,7 +120,9 @@ def test_sigkill_then_rerun_is_byte_identical(corpus, tokenizer, reference, tmp_
     out = tmp_path / "data"
     args = ["shard", "--input", str(corpus), "--tokenizer", str(tokenizer), "--out", str(out), "--shard-tokens", "6000",
             "--val-fraction", "0.1", "--unit-bytes", "20000", "--no-progress"]
-    r = _prep(*args, env={"DATA_PREP_TEST_KILL_AFTER_UNITS": str(kill_after)})
+    r = subprocess.run([sys.executable, "-c", KILLED_AFTER_UNIT_N, str(kill_after), *args], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                       cwd=REPO)
     assert r.returncode == -9, r.stderr[-2000:]
     assert not (out / "manifest.json").exists()
     dtype_size = 2

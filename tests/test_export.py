@@ -15,6 +15,7 @@ TINY = ["model.preset=tiny", "model.mtp_k=2", "train.seq_len=16", "train.micro_b
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_zero3_export_equals_the_live_model_and_the_engines_loss(tmp_path, token_data):
     run, exported, latest = tmp_path / "run", tmp_path / "exported", tmp_path / "latest"
     r = run_cli("train", "--nproc", "2", "--run-dir", str(run), f"data.path={token_data}", *TINY,

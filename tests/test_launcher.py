@@ -269,6 +269,7 @@ def _assert_trained_3_steps_on_2_ranks(run: Path) -> list[dict]:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.parametrize("teachers", [0, 1])
 def test_two_nodes_without_ssh_train_3_steps_together(tmp_path, token_data, teacher_dir, teachers):
     """Two "nodes" on localhost, one rank each; with a teacher, node 1 holds a trainer and the teacher."""
@@ -298,6 +299,7 @@ def test_two_nodes_without_ssh_train_3_steps_together(tmp_path, token_data, teac
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.skipif(find_executable("mpirun") is None, reason="no mpirun (pip install mpich)")
 @pytest.mark.parametrize("teachers", [0, 1])
 def test_mpirun_two_ranks_train_3_steps(tmp_path, token_data, teacher_dir, teachers):

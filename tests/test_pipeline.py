@@ -214,6 +214,7 @@ def assert_rows_match(actual, expected, tol=1e-5):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_stage_pipeline_next_token_matches_single_process(tmp_path, token_data):
     overrides = ["model.mtp_k=1", "train.max_steps=5", "train.pipeline_stages=2"]
     r = run_cli("train", "--nproc", "2", "--pipeline-stages", "2", "--run-dir", str(tmp_path / "p2"),
@@ -225,6 +226,7 @@ def test_two_stage_pipeline_next_token_matches_single_process(tmp_path, token_da
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_stage_lse_mtp_matches_single_process_resumes_exactly_and_exports(tmp_path, token_data):
     """K=4 LSE-MTP, tied embeddings, two micro-batches per step: every per-head term of every step equals
     the single-process model's; a run stopped at step 2 and resumed logs the same steps; the model
@@ -260,6 +262,7 @@ def test_two_stage_lse_mtp_matches_single_process_resumes_exactly_and_exports(tm
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_stages_and_a_teacher_rank_match_a_single_process_anchored_to_the_teacher(tmp_path, token_data,
                                                                                       teacher_dir):
     """3 ranks: 2 pipeline stages train, 1 serves a width-32 checkpoint teacher to the last stage; the

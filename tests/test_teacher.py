@@ -211,6 +211,7 @@ def test_student_learns_a_projection_to_a_teacher_of_another_width(tmp_path):
                               model.eval()(tokens, latent_targets=targets)["loss"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_with_a_teacher_of_another_width(token_data, teacher_dir, tmp_path):
     """One process through DeepSpeed (ZeRO-3, so the projection must be gathered): width-48 student, width-32
     teacher; the projection is in the checkpoint (resume) and in the exported model."""
@@ -295,6 +296,7 @@ def _start_ranks(world: int, args: list[str], started: int | None = None) -> lis
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_trainers_receive_the_teachers_latents(token_data, teacher_dir, tmp_path):
     overrides = [f"data.path={token_data}", "model.preset=tiny", "model.d_model=32", "model.n_layer=1",
                  "model.mtp_k=3", "train.seq_len=32", "train.micro_batch=4", "train.seed=7",
@@ -342,6 +344,7 @@ def test_a_stalled_or_dead_teacher_stops_the_trainer_within_the_timeout(token_da
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_train_with_teacher_ranks_lowers_the_latent_term(token_data, teacher_dir, tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli("train", "--nproc", "3", "--run-dir", str(run_dir), f"data.path={token_data}",
@@ -443,6 +446,7 @@ def test_sentence_teacher_embeds_the_decoded_future_window(tmp_path, tiny_senten
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_a_teacher_that_never_starts_fails_the_rendezvous(token_data, teacher_dir, tmp_path):
     overrides = [f"data.path={token_data}", "model.preset=tiny", "model.d_model=32", "model.n_layer=1",
                  "model.mtp_k=3", "train.seq_len=32", "train.micro_batch=4",

@@ -15,6 +15,7 @@ def keys_for(K):
             *(f"latent_{k}" for k in range(2, K + 1)), *(f"semantic_{k}" for k in range(2, K + 1))}
 
 
+@pytest.mark.slow
 def test_single_process_run_writes_metrics_tensorboard_and_model(tmp_path, token_data):
     run = tmp_path / "run"
     result = run_cli("train", "--run-dir", str(run), f"data.path={token_data}", *COMMON, "train.max_steps=30",
@@ -59,16 +60,19 @@ def _resume_matches_uninterrupted(tmp_path, token_data, nproc_args):
     assert _losses(resumed) == _losses(full)
 
 
+@pytest.mark.slow
 def test_resume_is_exact_single_process(tmp_path, token_data):
     _resume_matches_uninterrupted(tmp_path, token_data, [])
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_resume_is_exact_two_rank_zero3(tmp_path, token_data):
     _resume_matches_uninterrupted(tmp_path, token_data, ["--nproc", "2"])
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_rank_zero3_matches_one_rank_gradients(tmp_path, token_data):
     """Two ranks with micro-batch 2 see the same 4 windows per step as one rank with micro-batch 2 and
     two accumulation steps: the same averaged gradient, so the same losses."""

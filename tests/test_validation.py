@@ -187,6 +187,7 @@ def test_zero3_and_pipeline_evaluations_agree_with_each_other_and_the_exported_m
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_evaluation_asks_a_teacher_rank_for_nothing(tmp_path, val_data, teacher_dir):
     """One ZeRO trainer fed by one teacher rank: the teacher serves exactly the training micro-batches (3 steps x 2),
     and the evaluation (which needs no latent targets) is the exported model's."""

@@ -1,5 +1,5 @@
-"""Monitoring added with the launcher: per-head accuracy, the FLOPs model behind TFLOP/s and MFU,
-and where the scalars land in TensorBoard."""
+"""ds_mtp/monitor.py and what it reports: per-head accuracy, the FLOPs model behind TFLOP/s and MFU (the one
+formula, which bench/throughput.py uses too), and where the scalars land in TensorBoard."""
 
 import pytest
 import torch
