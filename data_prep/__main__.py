@@ -1,5 +1,7 @@
+"""``python -m data_prep ARGS`` is ``ds-mtp prep ARGS``."""
+
 import sys
 
-from data_prep.cli import main
+from ds_mtp.cli import prep_main
 
-sys.exit(main())
+sys.exit(prep_main())

@@ -1,4 +1,5 @@
-"""``ds-mtp prep`` / ``ds-mtp-prep`` / ``python -m data_prep``: subcommands that parse and call one function each."""
+"""The ``ds-mtp prep`` subcommands (also ``ds-mtp-prep`` and ``python -m data_prep``, both through ds_mtp.cli):
+each parses its arguments and calls one function."""
 
 from __future__ import annotations
 
@@ -123,19 +124,3 @@ def add_prep_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--min-chars", type=int, default=200, help="skip docstrings shorter than this")
     p.add_argument("--max-docs", type=int, default=0, help="stop after this many documents (0 = all)")
     p.set_defaults(func=cmd_stdlib_corpus)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ds-mtp-prep", description="corpus -> SentencePiece -> token shards")
-    add_prep_commands(parser)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ds_mtp.cli import run_parsed
-
-    return run_parsed(build_parser(), argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -251,5 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     return run_parsed(build_parser(), argv)
 
 
+def prep_main(argv: list[str] | None = None) -> int:
+    """``ds-mtp-prep ARGS`` (and ``python -m data_prep ARGS``): ``ds-mtp prep ARGS``."""
+    from data_prep.cli import add_prep_commands
+
+    parser = argparse.ArgumentParser(prog="ds-mtp-prep", description="corpus -> SentencePiece -> token shards")
+    add_prep_commands(parser)
+    return run_parsed(parser, argv)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -214,3 +214,13 @@ def pack_terms(out: dict) -> torch.Tensor:
 def unpack_terms(vector: torch.Tensor, K: int) -> dict[str, float]:
     """A (summed, averaged) pack_terms vector back to {name: value}."""
     return dict(zip(term_names(K), vector.tolist()))
+
+
+def head_sums(out: dict, tokens: torch.Tensor, doc_ids: torch.Tensor | None, pad_id: int | None) -> torch.Tensor:
+    """One micro-batch's [CE_k · n_k for k=1..K, hits_k, n_k] (float64, on the loss's device) from the
+    objective's output: its per-head means times the number of valid positions they were taken over."""
+    K = len(out["ce"])
+    counts = torch.stack([valid_mask(tokens, k, pad_id, doc_ids).sum() for k in range(1, K + 1)]).double()
+    ce = torch.stack([c.detach() for c in out["ce"]]).double()
+    acc = torch.stack([a.detach() for a in out["acc"]]).double()
+    return torch.cat([ce * counts, (acc * counts).round(), counts])

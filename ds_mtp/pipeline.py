@@ -35,7 +35,7 @@ import torch.nn as nn
 from ds_mtp.config import ModelConfig, RunConfig
 from ds_mtp.errors import UserError
 from ds_mtp.model import AttentionLayout, MTPModel, attention_layout
-from ds_mtp.objective import lse_mtp_loss, pack_terms
+from ds_mtp.objective import head_sums, lse_mtp_loss, pack_terms
 
 
 class LayerSource:
@@ -157,8 +157,6 @@ class PipelineLoss:
                            latent_targets=targets, latent_mask=mask,
                            latent_pred=latent_pred)
         if self.eval_sums is not None:
-            from ds_mtp.validation import head_sums
-
             self.eval_sums.append(head_sums(out, tokens, doc_ids, self.pad_id))
             return out["loss"]
         # Kept on the device: copying each micro-batch's terms to the host would stall the schedule.

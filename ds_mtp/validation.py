@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ds_mtp.errors import UserError
-from ds_mtp.objective import valid_mask
+from ds_mtp.objective import head_sums
 
 EVAL_SEED = 0
 """Seed of the validation windows' order: fixed, so the evaluated windows do not depend on train.seed."""
@@ -49,16 +49,6 @@ def resolve_eval_split(cfg, meta) -> str:
     raise UserError(f"train.eval_every={cfg.train.eval_every} needs a validation split, but {cfg.data.path} has only "
                     f"{', '.join(present) or 'no split with tokens'}: set data.eval_split=SPLIT, or write a 'val' "
                     "split with ds-mtp prep shard --val-fraction")
-
-
-def head_sums(out: dict, tokens: torch.Tensor, doc_ids: torch.Tensor | None, pad_id: int | None) -> torch.Tensor:
-    """One micro-batch's [CE_k · n_k for k=1..K, hits_k, n_k] (float64, on the loss's device) from the
-    objective's output: its per-head means times the number of valid positions they were taken over."""
-    K = len(out["ce"])
-    counts = torch.stack([valid_mask(tokens, k, pad_id, doc_ids).sum() for k in range(1, K + 1)]).double()
-    ce = torch.stack([c.detach() for c in out["ce"]]).double()
-    acc = torch.stack([a.detach() for a in out["acc"]]).double()
-    return torch.cat([ce * counts, (acc * counts).round(), counts])
 
 
 def _zero_sums(engine, sampler, batches: int, pad_id: int | None, device) -> torch.Tensor:

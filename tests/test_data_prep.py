@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.cli import main as prep_main
+from ds_mtp.cli import prep_main
 from data_prep.corpus import iter_units, read_range, record_to_text, resolve_sources, unit_records
 from data_prep.shard import shard_corpus
 from data_prep.stdlib_corpus import write_stdlib_corpus
@@ -102,7 +102,7 @@ def _prep(*args):
 KILLED_AFTER_UNIT_N = """
 import os, signal, sys
 from data_prep import shard
-from data_prep.cli import main
+from ds_mtp.cli import prep_main as main
 absorb, absorbed = shard.ShardRun.absorb, []
 def absorb_then_die_at_n(run, result):
     shard_done = absorb(run, result)
