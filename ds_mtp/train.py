@@ -228,6 +228,8 @@ def setup(cfg: RunConfig, paths: RunDir, resume: bool, signals: StopSignals) -> 
                       validator=validator, monitor=Monitor(paths.path, resume_step=start_step, enabled=rank == 0),
                       rank=rank, world=world, dp_size=dp_size, pad_id=pad_id, start_step=start_step,
                       bridge_store=store)
+    if trainer.feed is not None:  # the teacher starts on the first micro-batches at once
+        trainer.feed.start(start_step * t.grad_accum, trainer.end_step * t.grad_accum)
     if torch.cuda.is_available() and model is not None:
         trainer.flops_per_token = model_flops_per_token(model, t.seq_len)
     if rank == 0:
