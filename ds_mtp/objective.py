@@ -224,3 +224,16 @@ def head_sums(out: dict, tokens: torch.Tensor, doc_ids: torch.Tensor | None, pad
     ce = torch.stack([c.detach() for c in out["ce"]]).double()
     acc = torch.stack([a.detach() for a in out["acc"]]).double()
     return torch.cat([ce * counts, (acc * counts).round(), counts])
+
+
+def head_sums_size(K: int) -> int:
+    return 3 * K
+
+
+def heldout_metrics(sums: torch.Tensor, K: int) -> tuple[dict, int]:
+    """Summed head_sums (over micro-batches and ranks) → ({eval_ce_k, eval_acc_k: mean per valid position, None
+    for a head without one}, head 1's positions)."""
+    ce, hits, counts = sums[:K].tolist(), sums[K:2 * K].tolist(), sums[2 * K:].tolist()
+    row = {f"eval_ce_{k}": ce[k - 1] / counts[k - 1] if counts[k - 1] else None for k in range(1, K + 1)}
+    row.update({f"eval_acc_{k}": hits[k - 1] / counts[k - 1] if counts[k - 1] else None for k in range(1, K + 1)})
+    return row, int(counts[0])

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ds_mtp.errors import UserError
-from ds_mtp.objective import head_sums
+from ds_mtp.objective import head_sums, head_sums_size, heldout_metrics
 
 EVAL_SEED = 0
 """Seed of the validation windows' order: fixed, so the evaluated windows do not depend on train.seed."""
@@ -114,7 +114,7 @@ class Validator:
         try:
             with torch.no_grad():
                 if self.loss_fn is not None:
-                    sums = _pipeline_sums(engine, self.loss_fn, self.sampler, self.batches, 3 * self.K)
+                    sums = _pipeline_sums(engine, self.loss_fn, self.sampler, self.batches, head_sums_size(self.K))
                 else:
                     sums = _zero_sums(engine, self.sampler, self.batches, self.pad_id, engine.device)
         finally:
@@ -124,16 +124,7 @@ class Validator:
             sums = sums.to(engine.device)
             dist.all_reduce(sums)
             sums = sums.cpu()
-        K = self.K
-        ce, hits, counts = sums[:K], sums[K:2 * K], sums[2 * K:]
-        row = {}
-        for k in range(1, K + 1):
-            n = counts[k - 1].item()
-            row[f"eval_ce_{k}"] = ce[k - 1].item() / n if n else None
-        for k in range(1, K + 1):
-            n = counts[k - 1].item()
-            row[f"eval_acc_{k}"] = hits[k - 1].item() / n if n else None
-        return row, int(counts[0].item())
+        return heldout_metrics(sums, self.K)
 
 
 def format_eval(step: int, max_steps: int, row: dict, positions: int, split: str) -> str:
