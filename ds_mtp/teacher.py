@@ -499,16 +499,24 @@ def serve(cfg: RunConfig, layout: RankLayout, rank: int, group) -> int:
 
 def forward_stop_signals(store) -> None:
     """On a teacher rank, SIGTERM / SIGINT become a stop request to the trainers (STOP_KEY on the bridge store):
-    they save a checkpoint at their next step boundary and then release this teacher. A thread waits for the
-    signals, because the main thread spends its time blocked inside gloo, where no Python handler runs."""
+    they save a checkpoint at their next step boundary and then release this teacher. The main thread spends its
+    time blocked inside gloo, where no Python handler runs, and the signal may land on any of gloo's threads; so
+    Python's signal wake-up file descriptor (written by the C-level handler, whichever thread it runs on) wakes
+    a thread of ours. Python-level handlers must be installed (ds_mtp.train.StopSignals)."""
     import threading
 
-    stop_signals = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # so only the waiting thread receives them
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end)
+    stops = {int(signal.SIGTERM), int(signal.SIGINT)}
 
     def wait_for_signal() -> None:
-        received = signal.sigwait(stop_signals)
-        store.set(STOP_KEY, signal.Signals(received).name)
+        while True:
+            received = os.read(read_end, 1)
+            if not received or received[0] in stops:
+                break
+        if received:
+            store.set(STOP_KEY, signal.Signals(received[0]).name)
 
     threading.Thread(target=wait_for_signal, name="ds-mtp-teacher-signals", daemon=True).start()
 

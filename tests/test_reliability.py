@@ -206,3 +206,25 @@ def test_resume_mistakes_are_one_line(tmp_path, token_data):
     r = run_cli("train", "--run-dir", str(run), "--resume", *args)
     assert r.returncode == 0 and "checkpoint 'step99' is incomplete (its folder is missing): resuming from 'step2'" \
         in r.stdout, r.stderr[-2000:]
+
+
+TEACHER_SIGNAL = r"""
+import os, signal, sys, time
+import torch.distributed as dist
+from ds_mtp.teacher import STOP_KEY, forward_stop_signals
+from ds_mtp.train import StopSignals
+store = dist.HashStore()
+with StopSignals():
+    forward_stop_signals(store)
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while not store.check([STOP_KEY]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(store.get(STOP_KEY).decode() if store.check([STOP_KEY]) else "no stop request")
+"""
+
+
+def test_a_teacher_rank_turns_sigterm_into_a_stop_request_for_its_trainers():
+    r = subprocess.run([sys.executable, "-c", TEACHER_SIGNAL], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0 and r.stdout.strip() == "SIGTERM", r.stderr[-2000:]
