@@ -44,13 +44,22 @@ def _losses(run: Path) -> list:
     return [(r["step"], r["loss"], r["ce_2"]) for r in read_metrics(run / "metrics.jsonl")]
 
 
+def _save_args(token_data) -> list[str]:
+    return [f"data.path={token_data}", *COMMON, "train.max_steps=6", "train.save_every=2", "train.save_model=false"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, token_data) -> Path:
+    full = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert run_cli("train", "--run-dir", str(full), *_save_args(token_data)).returncode == 0
+    return full
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, resumes_from", [("deepspeed_files", 2), ("rng_files", 2), ("complete_marker", 2),
                                                  ("latest", 4)])
-def test_a_save_killed_at_each_stage_resumes_exactly(tmp_path, token_data, stage, resumes_from):
-    args = [f"data.path={token_data}", *COMMON, "train.max_steps=6", "train.save_every=2"]
-    full = tmp_path / "full"
-    assert run_cli("train", "--run-dir", str(full), *args).returncode == 0
+def test_a_save_killed_at_each_stage_resumes_exactly(tmp_path, token_data, uninterrupted, stage, resumes_from):
+    args, full = _save_args(token_data), uninterrupted
     run = tmp_path / "run"
     killed = _train_killed_during_save(run, stage, 4, args)
     assert killed.returncode == 9, killed.stderr[-2000:]
