@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from ds_mtp.config import RunConfig
-from ds_mtp.data import TokenShards, WindowSampler, read_meta
+from ds_mtp.data import Meta, TokenShards, WindowSampler, read_meta
 from ds_mtp.errors import UserError
 
 
 def resolve_data(cfg: RunConfig) -> RunConfig:
     """Fill the vocab size from the data and check that the data fits the model."""
+    return load_run_data(cfg)[0]
+
+
+def load_run_data(cfg: RunConfig) -> tuple[RunConfig, Meta]:
+    """resolve_data, and the data's manifest it read (read once per process)."""
     if not cfg.data.path:
         raise UserError("no training data: set data.path=DIR (a directory written by ds-mtp prep or ds-mtp world make)")
     meta = read_meta(cfg.data.path)
@@ -27,7 +32,7 @@ def resolve_data(cfg: RunConfig) -> RunConfig:
 
         cfg.data.eval_split = resolve_eval_split(cfg, meta)
         window_sampler(cfg, cfg.data.eval_split, seed=EVAL_SEED)  # a split too short for one window fails here
-    return cfg
+    return cfg, meta
 
 
 def window_sampler(cfg: RunConfig, split: str, *, seed: int, dp_rank: int = 0, dp_size: int = 1) -> WindowSampler:

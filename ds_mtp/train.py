@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from ds_mtp.config import RunConfig, config_from_dict
-from ds_mtp.data import read_meta, write_atomic
+from ds_mtp.data import write_atomic
 from ds_mtp.errors import Diverged, Preempted, UserError
-from ds_mtp.run_data import resolve_data, window_sampler
+from ds_mtp.run_data import load_run_data, window_sampler
 from ds_mtp.run_dir import RunDir, check_new_or_resume, read_saved_config
 
 
@@ -36,8 +36,7 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool) -> RunConfig:
     """Validate data and run directory; write RUN_DIR/config.json (the resolved config)."""
     from ds_mtp.teacher import check_teacher, fill_latent_width
 
-    cfg = resolve_data(cfg)
-    meta = read_meta(cfg.data.path)
+    cfg, meta = load_run_data(cfg)
     # The sampler checks the windows fit the data (e.g. packed_documents: every document fits a window).
     window_sampler(cfg, cfg.data.split, seed=cfg.train.seed)
     check_teacher(cfg, meta)
@@ -182,8 +181,7 @@ def setup(cfg: RunConfig, paths: RunDir, resume: bool, signals: StopSignals) -> 
                                 run_teacher_rank)
 
     _quiet_libraries()
-    cfg = resolve_data(cfg)
-    meta = read_meta(cfg.data.path)
+    cfg, meta = load_run_data(cfg)
     if not torch.cuda.is_available():  # each local rank gets its share of the cores, not all of them
         torch.set_num_threads(cpu_threads())
     role = find_role(cfg)
