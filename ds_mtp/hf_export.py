@@ -161,6 +161,9 @@ def write_tokenizer(tokenizer, special_ids: dict, out_dir: Path) -> None:
         from tokenizers.models import BPE, Unigram
 
         convert = importlib.import_module("transformers.convert_slow_tokenizer")
+        if not hasattr(convert.SpmConverter, "build_tokenizer_from_spm_proto"):
+            raise UserError("--format hf needs transformers >= 5 to convert a SentencePiece tokenizer "
+                            "(pip install 'ds-mtp[hf]')")
         extractor = convert.SentencePieceExtractor(str(tokenizer.path))
         model_type = BPE if extractor.proto.trainer_spec.model_type == 2 else Unigram
         vocab = extractor.extract(model_type)["vocab"]
