@@ -16,12 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from ds_mtp.generate import DecodeStats, generate
-from ds_mtp.text import load_model_dir, resolve_data_path, resolve_model_dir
+# The repository first: bench/data_prep.py would otherwise shadow the data_prep package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ds_mtp.generate import DecodeStats, generate  # noqa: E402
+from ds_mtp.text import load_model_dir, resolve_data_path, resolve_model_dir  # noqa: E402
 
 
 def world_prompts(data_dir, count: int) -> tuple[list[list[int]], int]:

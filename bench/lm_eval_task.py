@@ -2,7 +2,8 @@
 
     python bench/lm_eval_task.py --model MODEL_DIR --out TASK_DIR [--docs N]
 
-Writes TASK_DIR/docs.jsonl (the first N documents of the model's data ``val`` split that fit its context,
+Writes TASK_DIR/docs.jsonl (the first N documents of the model's held-out split (data.eval_split, else
+``val``) that fit its context,
 decoded to text) and TASK_DIR/ds_mtp_heldout.yaml, a ``loglikelihood_rolling`` task (bits per byte, as
 lm-eval's wikitext task), so that the harness runs offline:
 
@@ -18,10 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import math
 from pathlib import Path
 
 import torch
+
+# The repository first: bench/data_prep.py would otherwise shadow the data_prep package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 TASK = """task: ds_mtp_heldout
 dataset_path: json
@@ -54,7 +59,7 @@ def main() -> None:
     model, config = load_model_dir(args.model)
     tokenizer = find_tokenizer(resolve_model_dir(args.model), config)
     data_dir = resolve_data_path(config["data"]["path"], resolve_model_dir(args.model))
-    shards = TokenShards(data_dir, "val")
+    shards = TokenShards(data_dir, config["data"].get("eval_split") or "val")  # a world's is "heldout"
     texts = []
     for i in range(shards.num_documents):
         text = tokenizer.decode([int(t) for t in shards.document(i)])

@@ -29,7 +29,9 @@ context length (model.max_seq_len positions, counted from the longest prompt of 
 
 from __future__ import annotations
 
+import sys
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -456,3 +458,14 @@ def _speculative(model, prompts, max_new_tokens, sampling, generator, run: _Run)
         if n:
             decoder.commit(new[:, :n])
         nxt = final
+
+
+class _CallableModule(types.ModuleType):
+    """``ds_mtp.generate(model, prompts, ...)`` calls ``generate`` above: the package's public entry point
+    has the module's name, and a module attribute cannot be both (importing the submodule would rebind it)."""
+
+    def __call__(self, *args, **kwargs) -> Generation:
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

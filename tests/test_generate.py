@@ -68,6 +68,9 @@ def test_plain_and_speculative_greedy_equal_recomputed_greedy_on_random_weights(
     assert plain.tokens == [recompute_greedy(model, p, 12) for p in prompts]
     assert speculative.tokens == plain.tokens
     assert plain.stats.tokens_per_forward == 1.0
+    import ds_mtp
+
+    assert ds_mtp.generate(model, prompts, 12).tokens == plain.tokens  # the package's entry point
 
 
 def train_counting(head_type: str, steps: int = 150) -> MTPModel:
