@@ -49,6 +49,9 @@ class Sampling:
     """Sample only among the k most likely tokens (0 = all)."""
     top_p: float = 1.0
     """Sample only among the most likely tokens whose probabilities sum to top_p (nucleus; 1 = all)."""
+    epsilon: float = 0.0
+    """Drop tokens whose probability is below epsilon, unless they tie the most likely one (Hugging Face's
+    epsilon_cutoff; Vafa et al.'s sampler); 0 = keep all."""
 
     @property
     def greedy(self) -> bool:
@@ -63,6 +66,8 @@ class Sampling:
             raise UserError(f"--top-k must be >= 0 (0 = all tokens), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.epsilon < 1:
+            raise UserError(f"epsilon must be in [0, 1), got {self.epsilon}")
 
 
 def token_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -79,6 +84,10 @@ def token_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
         sorted_probs = sorted_probs.masked_fill(before >= sampling.top_p, 0.0)  # the most likely always stays
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    if sampling.epsilon > 0:
+        keep = (probs >= sampling.epsilon) | (probs >= probs.max(dim=-1, keepdim=True).values)
+        probs = torch.where(keep, probs, torch.zeros_like(probs))
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
 
@@ -137,14 +146,15 @@ def context_length(model) -> int | None:
 class CachedDecoder:
     """The trunk of an MTPModel decoding a batch: left-padded token buffer, one KV cache per block."""
 
-    def __init__(self, model, prompts: list[list[int]]):
+    def __init__(self, model, prompts: list[list[int]], max_new_tokens: int):
         from ds_mtp.model import new_caches
 
         self.model, cfg = model, model.cfg
         param = next(model.parameters())
         self.device, dtype = param.device, param.dtype
-        self.capacity = cfg.max_seq_len
+        self.limit = cfg.max_seq_len  # positions per row (learned positions, RoPE tables)
         width = max(len(p) for p in prompts)
+        self.capacity = width + max_new_tokens  # buffer slots: the left padding shifts shorter prompts
         B = len(prompts)
         self.tokens = torch.zeros(B, self.capacity, dtype=torch.long, device=self.device)
         self.pad = torch.tensor([width - len(p) for p in prompts], device=self.device)
@@ -156,6 +166,10 @@ class CachedDecoder:
     @property
     def cached(self) -> int:
         return self.caches[0].length
+
+    def room(self) -> int:
+        """Tokens that can still be fed before some live row's position reaches the model's context."""
+        return self.limit + int(self.pad.min()) - self.cached
 
     def layout(self, start: int, n: int):
         """The AttentionLayout of positions [start, start + n) over keys [0, start + n)."""
@@ -267,21 +281,27 @@ class HeadDrafter:
 
 class RecomputeDecoder:
     """Any model with ``logits(tokens [B, T]) → [B, T, V]`` (the evaluation's PathModel protocol: oracles,
-    reference models): every step recomputes the whole prefix. Prompts must have one length."""
+    reference models): every step recomputes the whole prefix, right-padded (the protocol's models are
+    causal, so the padding after a row never changes its scores)."""
 
     def __init__(self, model, prompts: list[list[int]], device):
-        if len({len(p) for p in prompts}) != 1:
-            raise ValueError("a model without a KV cache decodes prompts of one length only")
-        self.model = model
-        self.tokens = torch.tensor(prompts, dtype=torch.long, device=device)
+        self.model, self.device = model, device
+        self.rows = [list(p) for p in prompts]
 
     def next_logits(self, new: torch.Tensor | None = None) -> torch.Tensor:
         if new is not None:
-            self.tokens = torch.cat([self.tokens, new], dim=1)
-        return self.model.logits(self.tokens)[:, -1, :]
+            for row, token in zip(self.rows, new[:, 0].tolist()):
+                row.append(token)
+        lengths = [len(r) for r in self.rows]
+        tokens = torch.zeros(len(self.rows), max(lengths), dtype=torch.long)
+        for i, row in enumerate(self.rows):
+            tokens[i, :len(row)] = torch.as_tensor(row)
+        logits = self.model.logits(tokens.to(self.device))
+        last = torch.tensor(lengths, device=logits.device) - 1
+        return logits[torch.arange(len(self.rows), device=logits.device), last]
 
     def select(self, rows: torch.Tensor) -> None:
-        self.tokens = self.tokens[rows]
+        self.rows = [self.rows[i] for i in rows.tolist()]
 
 
 def supports_cache(model) -> bool:
@@ -292,7 +312,8 @@ def supports_cache(model) -> bool:
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int = 128, *, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int | None = 0, generator: torch.Generator | None = None,
+             top_k: int = 0, top_p: float = 1.0, epsilon: float = 0.0, seed: int | None = 0,
+             generator: torch.Generator | None = None,
              eos_id: int | None = None, speculative: bool = False,
              stop: Callable[[int, int], bool] | None = None,
              on_token: Callable[[int, int], None] | None = None) -> Generation:
@@ -300,10 +321,11 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 128, *, temp
 
     ``model``: an MTPModel (KV cache; ``speculative`` drafts with its extra heads), or any model with
     ``logits(tokens)`` (recomputed at every step). Sampling: greedy at ``temperature`` 0, else softmax(logits /
-    temperature) cut to ``top_k`` / ``top_p``, drawn from ``generator`` (default: a CPU generator seeded with
-    ``seed``). A row stops after ``eos_id`` (included in its tokens) or when ``stop(row, token)`` is true.
+    temperature) cut to ``top_k`` / ``top_p`` / ``epsilon``, drawn from ``generator`` (default: a CPU generator
+    seeded with ``seed``). A row stops after ``eos_id`` (included in its tokens), when ``stop(row, token)`` is
+    true, or at the model's context (a prompt of n tokens gets at most max_seq_len − n + 1 new ones).
     ``on_token(row, token)`` sees every token as it is decided (streaming). Rows are indices into ``prompts``."""
-    sampling = Sampling(temperature, top_k, top_p)
+    sampling = Sampling(temperature, top_k, top_p, epsilon)
     sampling.check()
     if not prompts:
         return Generation([])
@@ -312,16 +334,18 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 128, *, temp
     if generator is None and not sampling.greedy:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
     limit = context_length(model)
-    longest = max(len(p) for p in prompts)
+    budgets = [max_new_tokens] * len(prompts)
     if limit is not None:
         from ds_mtp.errors import UserError
 
+        longest = max(len(p) for p in prompts)
         if longest > limit:
             raise UserError(f"a prompt of {longest} tokens does not fit the model's context of {limit} tokens")
-        max_new_tokens = min(max_new_tokens, limit - longest + 1)  # the last token is never fed
+        budgets = [min(max_new_tokens, limit - len(p) + 1) for p in prompts]  # the last token is never fed
+        max_new_tokens = max(budgets)
     if speculative and not supports_cache(model):
         raise ValueError("speculative decoding needs an MTPModel")
-    run = _Run(len(prompts), eos_id, stop, on_token)
+    run = _Run(budgets, eos_id, stop, on_token)
     start = time.perf_counter()
     if max_new_tokens > 0:
         if speculative and model.heads.extra:
@@ -335,9 +359,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 128, *, temp
 class _Run:
     """Bookkeeping shared by both loops: which rows are live, what each generated, the stop rules."""
 
-    def __init__(self, rows: int, eos_id, stop, on_token):
-        self.generated: list[list[int]] = [[] for _ in range(rows)]
-        self.live = list(range(rows))  # original row index of each batch row
+    def __init__(self, budgets: list[int], eos_id, stop, on_token):
+        self.budgets = budgets  # most tokens each row may generate
+        self.generated: list[list[int]] = [[] for _ in budgets]
+        self.live = list(range(len(budgets)))  # original row index of each batch row
         self.eos_id, self.stop, self.on_token = eos_id, stop, on_token
         self.stats = DecodeStats()
 
@@ -348,7 +373,7 @@ class _Run:
         self.stats.tokens += 1
         if self.on_token is not None:
             self.on_token(row, token)
-        finished = token == self.eos_id
+        finished = token == self.eos_id or len(self.generated[row]) >= self.budgets[row]
         if self.stop is not None:
             finished = self.stop(row, token) or finished
         return finished
@@ -359,7 +384,7 @@ class _Run:
 
 def _plain(model, prompts, max_new_tokens, sampling, generator, run: _Run) -> None:
     if supports_cache(model):
-        decoder = CachedDecoder(model, prompts)
+        decoder = CachedDecoder(model, prompts, max_new_tokens)
         logits = decoder.logits(decoder.extend(decoder.tokens[:, :decoder.committed]))[:, -1]
     else:
         from ds_mtp.experiments.evaluate import model_device
@@ -386,7 +411,7 @@ def _plain(model, prompts, max_new_tokens, sampling, generator, run: _Run) -> No
 
 
 def _speculative(model, prompts, max_new_tokens, sampling, generator, run: _Run) -> None:
-    decoder = CachedDecoder(model, prompts)
+    decoder = CachedDecoder(model, prompts, max_new_tokens)
     drafter = HeadDrafter(model, decoder)
     extra = model.heads.extra
 
@@ -412,7 +437,7 @@ def _speculative(model, prompts, max_new_tokens, sampling, generator, run: _Run)
             run.keep(still)
         decoder.commit(nxt[:, None])
         # Drafts beyond the token budget would be thrown away; the verification pass must fit the context.
-        count = min(extra, max_new_tokens - produced - 1, decoder.capacity - decoder.committed)
+        count = min(extra, max_new_tokens - produced - 1, decoder.room() - 1)
         drafts, draft_probs = drafter.draft(z, start, count, choose) if count > 0 else (None, None)
         fed = nxt[:, None] if drafts is None else torch.cat([nxt[:, None], drafts], dim=1)  # [B, 1 + m]
         start = decoder.cached

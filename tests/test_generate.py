@@ -28,7 +28,7 @@ def test_kv_cache_logits_equal_a_full_recompute_for_every_head(head_type, varian
     model = MTPModel(tiny(head_type=head_type, **variant)).eval()
     prompts = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5, 8, 9, 7]]  # left-padded to one width
     seqs = [p + torch.randint(0, 32, (6,)).tolist() for p in prompts]
-    decoder = CachedDecoder(model, prompts)
+    decoder = CachedDecoder(model, prompts, max_new_tokens=8)
     drafter = HeadDrafter(model, decoder)
     width = decoder.committed
     z = decoder.extend(decoder.tokens[:, :width])
@@ -116,6 +116,28 @@ def test_generation_stops_at_the_context_length(counting_model):
     out = generate(counting_model, [[0, 1, 2]], 100, speculative=True)
     assert len(out.tokens[0]) == 40 - 3 + 1  # max_seq_len 40: the last token is never fed
     assert out.tokens == generate(counting_model, [[0, 1, 2]], 100).tokens
+
+
+def test_each_row_of_a_batch_gets_its_own_context_budget(counting_model):
+    prompts = [[0, 1, 2], [i % 24 for i in range(30)]]  # max_seq_len 40: 38 and 11 new tokens
+    for speculative in (False, True):
+        out = generate(counting_model, prompts, 100, speculative=speculative)
+        assert [len(t) for t in out.tokens] == [38, 11]
+        assert out.tokens == [generate(counting_model, [p], 100).tokens[0] for p in prompts]
+
+
+def test_sampling_filters_keep_what_they_promise():
+    logits = torch.tensor([[2.0, 1.5, 0.5, -1.0, -3.0]])
+    base = torch.softmax(logits, -1)
+    torch.testing.assert_close(token_probs(logits, Sampling(1.0)), base)
+    top2 = token_probs(logits, Sampling(1.0, top_k=2))
+    torch.testing.assert_close(top2[0, :2], base[0, :2] / base[0, :2].sum())
+    assert (top2[0, 2:] == 0).all()
+    nucleus = token_probs(logits, Sampling(1.0, top_p=0.9))  # the first two hold 0.53 + 0.32 < 0.9: three kept
+    assert (nucleus[0, :3] > 0).all() and (nucleus[0, 3:] == 0).all()
+    cut = token_probs(logits, Sampling(1.0, epsilon=0.05))
+    assert (cut[0] > 0).tolist() == (base[0] >= 0.05).tolist()
+    assert token_probs(logits, Sampling(0.0)).tolist() == [[1.0, 0.0, 0.0, 0.0, 0.0]]
 
 
 def test_streaming_sees_every_token_in_order(counting_model):

@@ -100,6 +100,7 @@ def test_output_streams_token_by_token_in_prompt_order(text_run):
     (["--prompt", "x", "--temperature", "-1"], "--temperature"),
     (["--prompt", "x", "--top-p", "2"], "--top-p"),
     (["--prompt", "x", "--batch-size", "0"], "--batch-size"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["--prompts", "/nonexistent/prompts.txt"], "cannot read prompts"),
 ])
 def test_bad_input_is_one_line_and_exit_2(text_run, capsys, args, message):
