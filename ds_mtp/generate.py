@@ -304,6 +304,17 @@ class RecomputeDecoder:
         self.rows = [self.rows[i] for i in rows.tolist()]
 
 
+def input_device(model) -> torch.device:
+    """Where a cache-less model takes its tokens: its ``device`` attribute, else its first parameter's, else CPU
+    (the evaluation's protocol models)."""
+    device = getattr(model, "device", None)
+    if device is not None:
+        return torch.device(device)
+    for p in getattr(model, "parameters", lambda: [])():
+        return p.device
+    return torch.device("cpu")
+
+
 def supports_cache(model) -> bool:
     from ds_mtp.model import MTPModel
 
@@ -387,9 +398,7 @@ def _plain(model, prompts, max_new_tokens, sampling, generator, run: _Run) -> No
         decoder = CachedDecoder(model, prompts, max_new_tokens)
         logits = decoder.logits(decoder.extend(decoder.tokens[:, :decoder.committed]))[:, -1]
     else:
-        from ds_mtp.experiments.evaluate import model_device
-
-        decoder = RecomputeDecoder(model, prompts, model_device(model))
+        decoder = RecomputeDecoder(model, prompts, input_device(model))
         logits = decoder.next_logits()
     for step in range(max_new_tokens):
         run.stats.forward_passes += 1

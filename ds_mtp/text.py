@@ -58,13 +58,6 @@ class WordText:
         return " ".join(self.vocab[i] for i in ids)
 
 
-def world_text(world_dir: Path) -> WordText:
-    from ds_mtp.experiments.worlds import load_world
-
-    tokenizer = load_world(world_dir).tokenizer
-    return WordText(tokenizer.vocab, tokenizer.eos_id)
-
-
 def resolve_data_path(path: str, model_dir: Path) -> Path | None:
     """A run's data.path: as given if absolute or found from the working directory, else below the model
     directory or one of its ancestors."""
@@ -84,8 +77,6 @@ def tokenizer_from(path: Path):
 
     if path.is_file():
         return SentencePieceText(path)
-    if (path / "world.json").is_file():
-        return world_text(path)
     if (path / MODEL_NAME).is_file():
         return SentencePieceText(path / MODEL_NAME)
     if (path / "manifest.json").is_file():
@@ -95,12 +86,15 @@ def tokenizer_from(path: Path):
 
 
 def data_tokenizer(data_dir: Path):
-    """The tokenizer a data directory's manifest names, its hash checked."""
+    """The tokenizer a data directory's manifest names, its hash checked; a world's manifest carries its
+    vocabulary (ds_mtp.experiments.worlds.make_world writes it under extra.world.vocab)."""
     from ds_mtp.data import read_meta, sha256_file
 
-    if (data_dir / "world.json").is_file():
-        return world_text(data_dir)
-    extra = read_meta(data_dir).extra
+    meta = read_meta(data_dir)
+    extra = meta.extra
+    world = extra.get("world")
+    if isinstance(world, dict) and world.get("vocab"):
+        return WordText(world["vocab"], meta.special_ids.get("eos"))
     name = extra.get("tokenizer")
     if not name:
         raise UserError(f"the manifest of {data_dir} names no tokenizer: pass --tokenizer")
