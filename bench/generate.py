@@ -102,11 +102,15 @@ def main() -> None:
     result = {"prompts": len(prompts), "tokens": s.tokens, "plain_s": plain, "speculative_s": spec,
               "plain_tokens_per_s": stats[False][1].tokens / plain, "speculative_tokens_per_s": s.tokens / spec,
               "tokens_per_forward": s.tokens_per_forward, "acceptance_rate": s.acceptance_rate,
+              # what one forward pass costs (prompt passes included): verification feeds up to K tokens
+              "plain_ms_per_pass": 1000 * plain / stats[False][1].forward_passes,
+              "speculative_ms_per_pass": 1000 * spec / s.forward_passes,
               "speedup": plain / spec, "identical_greedy": args.temperature == 0}
     print(json.dumps(result, indent=2))
     print(f"| {m.n_layer}L d={m.d_model} K={m.mtp_k} {m.head_type} | {len(prompts)} × ≤{args.max_new_tokens} | "
           f"{s.tokens} | {result['plain_tokens_per_s']:.1f} | {result['speculative_tokens_per_s']:.1f} | "
-          f"{s.tokens_per_forward:.2f} | {s.acceptance_rate:.2f} | **{plain / spec:.2f}×** |")
+          f"{s.tokens_per_forward:.2f} | {s.acceptance_rate:.2f} | {result['plain_ms_per_pass']:.2f} | "
+          f"{result['speculative_ms_per_pass']:.2f} | **{plain / spec:.2f}×** |")
 
 
 if __name__ == "__main__":

@@ -134,7 +134,8 @@ def find_tokenizer(model_dir: str | Path, config: dict, override: str | None = N
 def resolve_model_dir(path: str | Path) -> Path:
     """An exported model directory, or a training run directory holding one in model/."""
     path = Path(path)
-    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+    weights = (path / "model.safetensors").is_file()  # a run directory has a config.json of its own
+    if not weights and (path / "model" / "model.safetensors").is_file():
         return path / "model"
     return path
 

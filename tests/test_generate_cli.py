@@ -32,6 +32,7 @@ def text_run(tmp_path_factory) -> dict:
                                  head_type="sequential", init_std=0.3)).eval()
     out = save_exported(model, model.state_dict(), root / "run" / "model",
                         extra={"data": {"path": str(root / "data")}})
+    (root / "run" / "config.json").write_text("{}")  # a training run directory has its own config
     return {"root": root, "model_dir": out, "model": model, "tok": SentencePieceText(root / "tok" / "tokenizer.model")}
 
 
