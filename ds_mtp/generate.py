@@ -136,6 +136,7 @@ class Generation:
     tokens: list[list[int]]
     """The generated tokens of each prompt (the prompt excluded; EOS included when it stopped the row)."""
     stats: DecodeStats = field(default_factory=DecodeStats)
+    """What decoding cost: forward passes, tokens per pass, drafts accepted, seconds."""
 
 
 def context_length(model) -> int | None:

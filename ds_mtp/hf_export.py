@@ -80,7 +80,8 @@ def pieces(cfg) -> list[Piece]:
             out.append(Piece(f"{hf}.post_attention_layernorm.weight", f"{ds}.norm2.weight"))
         out.append(Piece("model.norm.weight", "heads.norm.weight"))
     else:
-        out += [Piece("transformer.wte.weight", "embed.wte.weight"), Piece("transformer.wpe.weight", "embed.wpe.weight")]
+        out += [Piece("transformer.wte.weight", "embed.wte.weight"),
+                Piece("transformer.wpe.weight", "embed.wpe.weight")]
 
         def norm(hf: str, ds: str):
             out.append(Piece(f"{hf}.weight", f"{ds}.weight"))

@@ -220,6 +220,8 @@ def generate_text(model, tokenizer, prompts: list[str], *, batch_size: int = 1, 
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if options.get("speculative") and not model.heads.extra:
+        raise UserError("--speculative drafts with the extra MTP heads, and this model has none (model.mtp_k=1)")
     if options.get("max_new_tokens", 1) < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {options['max_new_tokens']}")
     write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))

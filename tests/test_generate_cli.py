@@ -119,6 +119,12 @@ def test_a_missing_model_or_tokenizer_is_one_line_and_exit_2(text_run, tmp_path,
     assert "--tokenizer" in capsys.readouterr().err
     assert ds_main(["generate", "--model", str(lost), "--prompt", "Return", "--max-new-tokens", "3",
                     "--tokenizer", str(text_run["root"] / "tok")]) == 0
+    ntp = MTPModel(ModelConfig(vocab_size=500, n_layer=1, n_head=2, d_model=16, max_seq_len=16, mtp_k=1))
+    ntp_dir = save_exported(ntp, ntp.state_dict(), tmp_path / "ntp",
+                            extra={"data": {"path": str(text_run["root"] / "data")}})
+    capsys.readouterr()
+    assert ds_main(["generate", "--model", str(ntp_dir), "--prompt", "Return", "--speculative"]) == 2
+    assert "has none" in capsys.readouterr().err
 
 
 def test_a_world_model_reads_and_writes_the_worlds_vocabulary(tmp_path, capsys):
