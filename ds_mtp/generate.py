@@ -9,7 +9,9 @@ speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023): draft d dra
 distribution q is accepted with probability min(1, p(d)/q(d)), and the first rejected one is replaced by a
 sample of normalise(max(0, p − q)); when all are accepted head 1's last distribution gives one more token.
 The output is then distributed as plain sampling (greedy: token for token the same), and every forward
-pass yields 1 + (accepted drafts) tokens.
+pass yields 1 + (accepted drafts) tokens. (Token for token up to rounding: the verification pass computes
+head 1 at several positions at once, which may round in the last bit otherwise than a one-position pass,
+so an argmax tie to the last bit could break differently; no test or benchmark run has met one.)
 
 Head types draft as they were trained (ds_mtp.model):
   linear      ĥ_k = W_k h_t: no state beyond the trunk;

@@ -142,3 +142,16 @@ def test_a_world_model_reads_and_writes_the_worlds_vocabulary(tmp_path, capsys):
     assert words == [world.tokenizer.vocab[i] for i in ids]
     assert ds_main(["generate", "--model", str(out), "--prompt", "3 nowhere"]) == 2
     assert "not in the world's vocabulary" in capsys.readouterr().err
+
+
+def test_the_command_as_a_user_runs_it(text_run):
+    from tests.conftest import run_cli
+
+    model = str(text_run["model_dir"])
+    done = run_cli("generate", "--model", model, "--prompt", "Return the value", "--max-new-tokens", "12",
+                   "--speculative", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected_texts(text_run, ["Return the value"])[0] + "\n"
+    empty = run_cli("generate", "--model", model, timeout=120)  # stdin is empty: no prompt
+    assert empty.returncode == 2 and empty.stderr.strip().splitlines() == [
+        "error: no prompt given (--prompt TEXT, --prompts FILE, or lines on stdin)"]
