@@ -104,11 +104,7 @@ def cmd_generate(args) -> int:
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                           speculative=args.speculative)
     if args.stats:
-        line = (f"{stats.tokens} tokens in {stats.seconds:.2f} s ({stats.tokens / max(stats.seconds, 1e-9):.1f} "
-                f"tokens/s), {stats.tokens_per_forward:.2f} tokens per forward pass")
-        if args.speculative:
-            line += f", {stats.accepted}/{stats.drafted} drafts accepted"
-        print(line, file=sys.stderr)
+        print(stats.summary(), file=sys.stderr)
     return 0
 
 
@@ -215,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculative", action="store_true",
-                   help="the K-1 extra heads draft, head 1 verifies (same output as plain decoding)")
+                   help="the K-1 extra heads draft, head 1 verifies (greedy: the same tokens as plain decoding; "
+                        "sampling: the same distribution)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="prompts decoded together (1 = each streams token by token)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")

@@ -132,6 +132,11 @@ class DecodeStats:
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else float("nan")
 
+    def summary(self) -> str:
+        line = (f"{self.tokens} tokens in {self.seconds:.2f} s ({self.tokens / max(self.seconds, 1e-9):.1f} tokens/s), "
+                f"{self.tokens_per_forward:.2f} tokens per forward pass")
+        return line + (f", {self.accepted}/{self.drafted} drafts accepted" if self.drafted else "")
+
 
 @dataclass
 class Generation:
