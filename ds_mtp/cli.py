@@ -81,8 +81,28 @@ def cmd_export(args) -> int:
     run_dir = args.run_dir or args.run_dir_option
     if not run_dir:
         raise UserError("no run directory: ds-mtp export RUN_DIR [--tag stepN] --out DIR")
+    if args.format == "hf":
+        from ds_mtp.hf_export import export_hf
+
+        out = export_hf(run_dir, args.out, tag=args.tag, overwrite=args.overwrite, tokenizer_path=args.tokenizer)
+        print(f"exported the Hugging Face layout to {out} (transformers.AutoModelForCausalLM / AutoTokenizer)")
+        return 0
     out = export_checkpoint(run_dir, args.out, tag=args.tag, overwrite=args.overwrite)
     print(f"exported {out / 'model.safetensors'} and {out / 'config.json'}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from ds_mtp.text import find_tokenizer, generate_text, load_model_dir, read_prompts, resolve_model_dir
+
+    prompts = read_prompts(args.prompt, args.prompts)
+    model, config = load_model_dir(args.model, args.device)
+    tokenizer = find_tokenizer(resolve_model_dir(args.model), config, args.tokenizer)
+    stats = generate_text(model, tokenizer, prompts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          speculative=args.speculative)
+    if args.stats:
+        print(stats.summary(), file=sys.stderr)
     return 0
 
 
@@ -164,12 +184,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("export", help="consolidate a ZeRO or pipeline checkpoint into model.safetensors + config.json")
-    p.add_argument("run_dir", nargs="?", help="the training run directory")
+    p.add_argument("run_dir", nargs="?", help="the training run directory (--format hf: or an exported model)")
     p.add_argument("--run-dir", dest="run_dir_option", help=argparse.SUPPRESS)
     p.add_argument("--tag", help="checkpoint tag, e.g. step200 (default: the latest)")
     p.add_argument("--out", required=True, help="directory for model.safetensors and config.json")
     p.add_argument("--overwrite", action="store_true", help="replace an exported model already in --out")
+    p.add_argument("--format", default="ds-mtp", choices=["ds-mtp", "hf"],
+                   help="ds-mtp (default) or hf: the Hugging Face layout (Llama or GPT-2; RUN_DIR may also be an "
+                        "exported model directory); needs the [hf] extra")
+    p.add_argument("--tokenizer", help="with --format hf: the tokenizer to copy in (default: the run's)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="continue prompts with a trained model (KV cache; --speculative drafts "
+                                        "with the MTP heads)")
+    p.add_argument("--model", required=True, help="model directory (training's model/, ds-mtp export, or "
+                                                  "ds-mtp export --format hf), or a run directory with model/")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for several); default: --prompts or stdin")
+    p.add_argument("--prompts", help="file with one prompt per line ('-' = stdin)")
+    p.add_argument("--tokenizer", help="SentencePiece .model, tokenizer/data/world directory (default: the run's, "
+                                       "found from the model's data.path)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative", action="store_true",
+                   help="the K-1 extra heads draft, head 1 verifies (greedy: the same tokens as plain decoding; "
+                        "sampling: the same distribution)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="prompts decoded together (1 = each streams token by token)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--stats", action="store_true", help="print tokens/s and tokens per forward pass to stderr")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="NTP vs MTP vs LSE-MTP on the paper's USG world, evaluated on held-out pairs "
                                     "(reproduce's demo scale; run again to see the results)")

@@ -158,7 +158,10 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("cos", cos, persistent=False)
             self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x, layout: AttentionLayout):
+    def forward(self, x, layout: AttentionLayout, cache: "KVCache | None" = None):
+        """x [B, T, d] → [B, T, d]. With a ``cache`` (decoding), x holds the new positions only: their keys and
+        values are appended to the cache and the queries attend over everything cached, as ``layout.mask``
+        ([B, 1, T, cached + T]) allows; ``layout.positions`` are then the new positions' absolute positions."""
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 × [B, H, T, hd]
         if self.rope:
@@ -167,6 +170,8 @@ class CausalSelfAttention(nn.Module):
             else:
                 cos, sin = self.cos[layout.positions][:, None], self.sin[layout.positions][:, None]  # [B, 1, T, hd/2]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)
         if layout.flex:
             y = flex_attention(q, k, v, layout.mask)  # [B, H, T, hd]; the model uses flex only without dropout
         else:
@@ -204,9 +209,41 @@ class Block(nn.Module):
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, layout: AttentionLayout):
-        x = x + self.drop(self.attn(self.norm1(x), layout))
+    def forward(self, x, layout: AttentionLayout, cache: "KVCache | None" = None):
+        x = x + self.drop(self.attn(self.norm1(x), layout, cache))
         return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class KVCache:
+    """The keys and values one attention layer has computed for a batch being decoded, so that a decoding step
+    computes only its new positions. Pre-allocated to ``capacity`` positions; ``crop`` forgets positions
+    (rejected draft tokens) and ``select`` keeps some rows (finished sequences leave the batch)."""
+
+    def __init__(self, batch: int, n_head: int, head_dim: int, capacity: int, device, dtype):
+        self.keys = torch.empty(batch, n_head, capacity, head_dim, device=device, dtype=dtype)
+        self.values = torch.empty_like(self.keys)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, H, T, hd] after the cached positions; returns all cached keys and values."""
+        end = self.length + k.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(f"KV cache holds {self.keys.shape[2]} positions, {end} requested")
+        self.keys[:, :, self.length:end] = k
+        self.values[:, :, self.length:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.keys, self.values = self.keys[rows], self.values[rows]
+
+
+def new_caches(cfg: ModelConfig, count: int, batch: int, capacity: int, device, dtype) -> list[KVCache]:
+    """One KVCache per attention layer (``count`` of them) of a model with config ``cfg``."""
+    return [KVCache(batch, cfg.n_head, cfg.d_model // cfg.n_head, capacity, device, dtype) for _ in range(count)]
 
 
 class TokenEmbedding(nn.Module):
@@ -238,9 +275,9 @@ class SequentialDepth(nn.Module):
         self.combine = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
         self.block = Block(cfg)
 
-    def forward(self, state, next_embed, layout: AttentionLayout):
+    def forward(self, state, next_embed, layout: AttentionLayout, cache: KVCache | None = None):
         return self.block(self.combine(torch.cat([self.norm_state(state), self.norm_embed(next_embed)], dim=-1)),
-                          layout)
+                          layout, cache)
 
 
 def latent_projection_width(cfg: ModelConfig) -> int | None:
@@ -282,7 +319,8 @@ class OutputHeads(nn.Module):
         else:
             preds, state = [], z
             for k, depth in enumerate(self.depths, start=2):
-                shifted = F.pad(tokens[:, k - 1:], (0, k - 1))  # x_{t+k-1}; the tail is never a valid target
+                # x_{t+k-1}; the tail is never a valid target (padded to T also when T < k - 1)
+                shifted = F.pad(tokens[:, k - 1:], (0, min(k - 1, tokens.shape[1])))
                 state = depth(state, F.embedding(shifted, embed_weight), layout)
                 preds.append(self.norm(state))
         return h, torch.stack(preds, dim=1)
@@ -361,6 +399,16 @@ class MTPModel(nn.Module):
                             mse_normalization=o.mse_normalization, active_heads=self.active_heads,
                             latent_targets=latent_targets,
                             latent_mask=latent_mask, latent_pred=latent_pred)
+
+    @torch.no_grad()
+    def extend(self, tokens: torch.Tensor, layout: AttentionLayout, caches: list[KVCache]) -> torch.Tensor:
+        """Decoding: the pre-norm trunk states z [B, T, d] of ``tokens`` [B, T], the positions that follow those in
+        ``caches`` (one per block, extended here). ``layout`` holds the new positions and the mask over cached +
+        new keys. Head 1's logits are ``self.heads.norm(z) @ self.unembed_weight.t()``."""
+        x = self.embed(tokens, layout)
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, layout, cache)
+        return x
 
     @torch.no_grad()
     def hidden(self, tokens, doc_ids=None):

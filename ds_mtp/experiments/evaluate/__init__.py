@@ -26,12 +26,8 @@ class PathModel(Protocol):
 
 
 def model_device(model) -> torch.device:
-    """Where to put input tokens: the model's ``device`` attribute, else its first parameter's, else CPU."""
-    device = getattr(model, "device", None)
-    if device is not None:
-        return torch.device(device)
-    params = getattr(model, "parameters", None)
-    if callable(params):
-        for p in params():
-            return p.device
-    return torch.device("cpu")
+    """Where to put input tokens (ds_mtp.generate.input_device: the model's ``device`` attribute, else its first
+    parameter's, else CPU)."""
+    from ds_mtp.generate import input_device
+
+    return input_device(model)

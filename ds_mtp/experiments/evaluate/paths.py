@@ -33,17 +33,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ds_mtp.experiments.evaluate import model_device
 
 OUTCOMES = ("success", "illegal_edge", "wrong_target", "invalid_format")
-
-
-def choose_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """[B, V] logits -> [B] tokens: argmax at temperature 0, else a sample from softmax(logits / T)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
 
 
 def select_pairs(pairs, max_pairs: int | None, seed: int):
@@ -121,33 +112,27 @@ def decode_pairs(model, world, pairs, temperature: float = 0.0, seed: int = 0, b
                  max_moves: int | None = None) -> list[dict]:
     """Decode every pair; one record per pair: ``outcome`` (official), ``outcome_strict``, ``unterminated``
     (strict: no decision within the budget), the generated tokens and the strict walk. A sequence is decoded
-    until both definitions have decided, or for max_moves + 1 tokens."""
+    (ds_mtp.generate, with the KV cache of an MTPModel) until both definitions have decided, or for
+    max_moves + 1 tokens."""
+    from ds_mtp.generate import generate
+
     tok = world.tokenizer
     max_moves = world.graph.num_nodes - 1 if max_moves is None else max_moves
-    device = model_device(model)
     generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
     records = []
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start:start + batch_size]
-        tokens = torch.tensor([[s, t] for s, t in batch], dtype=torch.long, device=device)
         official = [OfficialOutcome(tok, s, t) for s, t in batch]
         strict = [StrictOutcome(tok, s, t) for s, t in batch]
-        generated: list[list[int]] = [[] for _ in batch]
-        active = list(range(len(batch)))  # rows still decoding; finished rows leave the batch
-        for _ in range(max_moves + 1):  # up to max_moves moves, then one more chance to stop
-            nxt = choose_tokens(model.logits(tokens)[:, -1, :], temperature, generator)
-            still = []
-            for r, (i, token) in enumerate(zip(active, nxt.tolist())):
-                generated[i].append(token)
-                official[i].feed(token)
-                strict[i].feed(token)
-                if official[i].outcome is None or strict[i].outcome is None:
-                    still.append(r)
-            if not still:
-                break
-            keep = torch.tensor(still, device=tokens.device)
-            tokens = torch.cat([tokens[keep], nxt[keep, None]], dim=1)
-            active = [active[r] for r in still]
+
+        def decided(row: int, token: int) -> bool:
+            official[row].feed(token)
+            strict[row].feed(token)
+            return official[row].outcome is not None and strict[row].outcome is not None
+
+        # up to max_moves moves, then one more chance to stop
+        generated = generate(model, [[s, t] for s, t in batch], max_moves + 1, temperature=temperature,
+                             generator=generator, stop=decided).tokens
         for i, (s, t) in enumerate(batch):
             official[i].finish()
             records.append({"pair": (s, t), "outcome": official[i].outcome,

@@ -27,7 +27,7 @@ import torch
 
 from ds_mtp.experiments.evaluate import model_device
 from ds_mtp.experiments.evaluate.common import (MAX_LOGITS_PER_BATCH, WorldIndex, argmax_tokens, heldout_sequences, hidden_at,
-                                    is_legal, last_probs, pad, suffix_valid, token_probs, walk_nodes)
+                                    is_legal, last_probs, suffix_valid, token_probs, walk_nodes)
 
 DETOUR_TYPES = ("random_valid", "least_likely", "second_most_likely")
 MIN_PROBE_STEPS = 500
@@ -111,32 +111,28 @@ def sample_continuations(model, prefixes: list[list[int]], world, max_len: int, 
     """One continuation per prefix, sampled at temperature 1 with an epsilon cutoff (tokens below
     ``epsilon`` are dropped unless they tie the most likely one, as in Hugging Face's
     ``epsilon_cutoff``), each until end-of-sequence (included) or until prefix + continuation
-    reach ``max_len`` tokens. Prefixes of any lengths are decoded together, right-padded."""
-    tok, device = world.tokenizer, model_device(model)
+    reach ``max_len`` tokens. Prefixes of any lengths are decoded together (ds_mtp.generate)."""
+    from ds_mtp.generate import generate
+
+    tok = world.tokenizer
     out: list[list[int]] = []
     rows = max(1, min(batch_size, MAX_LOGITS_PER_BATCH // max(1, max_len * world.vocab_size)))
     for start in range(0, len(prefixes), rows):
         chunk = prefixes[start:start + rows]
-        tokens = pad(chunk, max_len, tok.pad_id, "cpu")
-        length = torch.tensor([len(p) for p in chunk])
-        live = length < max_len
+        live = [i for i, p in enumerate(chunk) if len(p) < max_len]
         suffixes: list[list[int]] = [[] for _ in chunk]
-        while live.any():
-            rows_live = torch.nonzero(live)[:, 0]  # finished rows drop out of the forward pass
-            width = int(length[rows_live].max())
-            logits = model.logits(tokens[rows_live, :width].to(device))
-            last = logits[torch.arange(len(rows_live), device=logits.device), (length[rows_live] - 1).to(logits.device)]
-            probs = torch.softmax(last.float(), dim=-1).cpu()
-            keep = (probs >= epsilon) | (probs >= probs.max(dim=-1, keepdim=True).values)
-            probs = torch.where(keep, probs, torch.zeros_like(probs))
-            nxt = torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
-            for r, i in enumerate(rows_live.tolist()):
-                token = int(nxt[r])
-                tokens[i, length[i]] = token
-                suffixes[i].append(token)
-                length[i] += 1
-                if token == tok.eos_id or length[i] >= max_len:
-                    live[i] = False
+        if live:
+            lengths = [len(chunk[i]) for i in live]
+            counts = [0] * len(live)
+
+            def full(row: int, token: int) -> bool:
+                counts[row] += 1
+                return lengths[row] + counts[row] >= max_len
+
+            generated = generate(model, [chunk[i] for i in live], max_len - min(lengths), temperature=1.0,
+                                 epsilon=epsilon, generator=generator, eos_id=tok.eos_id, stop=full).tokens
+            for i, tokens in zip(live, generated):
+                suffixes[i] = tokens
         out.extend(suffixes)
     return out
 
