@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ds_mtp.generate import DecodeStats, generate  # noqa: E402
-from ds_mtp.text import load_model_dir, resolve_data_path, resolve_model_dir  # noqa: E402
+from ds_mtp.run_dir import resolve_model_dir  # noqa: E402
+from ds_mtp.text import load_model_dir, resolve_data_path  # noqa: E402
 
 
 def world_prompts(data_dir, count: int) -> tuple[list[list[int]], int]:

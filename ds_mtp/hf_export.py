@@ -192,7 +192,8 @@ def export_hf(source: str | Path, out_dir: str | Path, tag: str | None = None, o
     """Write the Hugging Face layout of ``source`` (an exported model directory, or a run directory whose
     checkpoint ``tag``, default the latest, is consolidated first) to ``out_dir``."""
     from ds_mtp.model import load_exported
-    from ds_mtp.text import find_tokenizer, resolve_model_dir
+    from ds_mtp.run_dir import resolve_model_dir
+    from ds_mtp.text import find_tokenizer
 
     try:
         import transformers  # noqa: F401

@@ -74,6 +74,15 @@ class RunDir:
         return self.has_checkpoint() or self.metrics.exists()
 
 
+def resolve_model_dir(path: str | Path) -> Path:
+    """An exported model directory (model.safetensors + config.json, ds_mtp.model.save_exported), or the one in
+    a training run directory's model/."""
+    path = Path(path)
+    if not (path / "model.safetensors").is_file() and (path / MODEL_DIR / "model.safetensors").is_file():
+        return path / MODEL_DIR
+    return path
+
+
 def check_new_or_resume(run_dir: RunDir, resume: bool) -> None:
     """The one rule: a new run needs a directory that holds none; --resume needs a checkpoint."""
     if resume and not run_dir.has_checkpoint():

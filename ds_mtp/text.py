@@ -131,21 +131,13 @@ def find_tokenizer(model_dir: str | Path, config: dict, override: str | None = N
     return data_tokenizer(data_dir)
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """An exported model directory, or a training run directory holding one in model/."""
-    path = Path(path)
-    weights = (path / "model.safetensors").is_file()  # a run directory has a config.json of its own
-    if not weights and (path / "model" / "model.safetensors").is_file():
-        return path / "model"
-    return path
-
-
 def load_model_dir(path: str | Path, device: str = "cpu"):
     """(MTPModel, ds-mtp config dict) of a directory written by training, ``ds-mtp export`` or
     ``ds-mtp export --format hf``."""
     import torch
 
     from ds_mtp.hf_export import DS_CONFIG_NAME, load_hf_export
+    from ds_mtp.run_dir import resolve_model_dir
     from ds_mtp.model import load_exported
 
     path = resolve_model_dir(path)

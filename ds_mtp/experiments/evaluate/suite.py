@@ -204,16 +204,6 @@ def format_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """An exported model directory, or a training run directory holding one in ``model/``."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"model directory not found: {path}")
-    if not (path / "model.safetensors").is_file() and (path / "model" / "model.safetensors").is_file():
-        return path / "model"
-    return path
-
-
 def parse_scale_overrides(items: list[str]) -> dict:
     """``["path_pairs=200", "detour_probs=[0.05]"]`` -> a dict; values are JSON, else strings."""
     import json
@@ -242,8 +232,9 @@ def run_eval(model_dir: str | Path, world_dir: str | Path, out: str | Path | Non
     import json
 
     from ds_mtp.data import write_atomic
-    from ds_mtp.model import load_exported
     from ds_mtp.experiments.worlds import load_world
+    from ds_mtp.model import load_exported
+    from ds_mtp.run_dir import resolve_model_dir
 
     world = load_world(world_dir)
     names = resolve_metrics(metrics)
@@ -253,6 +244,8 @@ def run_eval(model_dir: str | Path, world_dir: str | Path, out: str | Path | Non
 
         if not torch.cuda.is_available():
             raise UserError(f"--device {device}: no CUDA device is available")
+    if not Path(model_dir).exists():
+        raise UserError(f"model directory not found: {model_dir}")
     model = load_exported(resolve_model_dir(model_dir), device=device)
     if model.cfg.vocab_size != world.vocab_size:
         raise UserError(f"the model's vocabulary ({model.cfg.vocab_size} tokens) does not match the world's "
