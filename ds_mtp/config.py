@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -262,7 +263,16 @@ def _build(cls, values: dict, where: str):
                     raise UserError(f"{where}.{f.name} must be a number, got {value!r}") from None
             else:
                 raise UserError(f"{where}.{f.name} must be {type(default).__name__}, got {value!r}")
+        _refuse_non_finite(getattr(obj, f.name), f"{where}.{f.name}")
     return obj
+
+
+def _refuse_non_finite(value, name: str) -> None:
+    """NaN and inf are valid YAML/JSON numbers but no field means them: a NaN loss weight would train on NaN."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise UserError(f"{name} must be a finite number, got {value!r}")
 
 
 def config_from_dict(raw: dict) -> RunConfig:
