@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ds_mtp.config import RunConfig, config_from_dict
+from ds_mtp.data_checks import check_data
 from ds_mtp.data import TokenShards, WindowSampler, read_meta, write_atomic
 from ds_mtp.errors import UserError
 
@@ -24,8 +25,9 @@ CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "model"
 
 
-def resolve_data(cfg: RunConfig) -> RunConfig:
-    """Fill the vocab size from the data and check that the data fits the model."""
+def resolve_data(cfg: RunConfig, verify: bool = False) -> RunConfig:
+    """Fill the vocab size from the data and check that the data fits the model (ds_mtp.data_checks); with
+    ``verify`` (the launching process), data.verify=full also hashes the shards."""
     if not cfg.data.path:
         raise UserError("no training data: set data.path=DIR (a directory written by ds-mtp prep or ds-mtp world make)")
     meta = read_meta(cfg.data.path)
@@ -33,9 +35,8 @@ def resolve_data(cfg: RunConfig) -> RunConfig:
         raise UserError(f"{cfg.data.path} has no split '{cfg.data.split}' (has: {', '.join(meta.splits) or 'none'})")
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = meta.vocab_size
-    if meta.max_token_id >= cfg.model.vocab_size:
-        raise UserError(f"data in {cfg.data.path} has token id {meta.max_token_id}, not below the model's "
-                        f"vocab_size={cfg.model.vocab_size}")
+    verify_mode = cfg.data.verify if verify else "quick"
+    check_data(cfg.data.path, meta, [cfg.data.split], cfg.model.vocab_size, verify_mode)
     if meta.vocab_size > cfg.model.vocab_size:
         raise UserError(f"data in {cfg.data.path} declares vocab_size={meta.vocab_size} > model.vocab_size="
                         f"{cfg.model.vocab_size}")
@@ -44,6 +45,7 @@ def resolve_data(cfg: RunConfig) -> RunConfig:
 
         cfg.data.eval_split = resolve_eval_split(cfg, meta)
         window_sampler(cfg, cfg.data.eval_split, seed=EVAL_SEED)  # a split too short for one window fails here
+        check_data(cfg.data.path, meta, [cfg.data.eval_split], cfg.model.vocab_size, verify_mode)
     return cfg
 
 
@@ -59,7 +61,7 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool) -> RunConfig:
     """Validate data and run directory; write RUN_DIR/config.json for a new run."""
     from ds_mtp.teacher import check_teacher, fill_latent_width
 
-    cfg = resolve_data(cfg)
+    cfg = resolve_data(cfg, verify=True)
     meta = read_meta(cfg.data.path)
     # The sampler checks the windows fit the data (e.g. packed_documents: every document fits a window).
     window_sampler(cfg, cfg.data.split, seed=cfg.train.seed)
