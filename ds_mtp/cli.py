@@ -122,8 +122,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose subcommands take their section.field=value overrides anywhere, also after an
+    option (argparse fills a positional list from one run of arguments only: ``--nproc 2 train.max_steps=2``
+    after an earlier override would be "unrecognized")."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras and isinstance(getattr(parsed, "overrides", None), list) \
+                and all("=" in e and not e.startswith("-") for e in extras):
+            parsed.overrides = [*parsed.overrides, *extras]  # argv order kept: a later override still wins
+        elif extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ds-mtp", description="LSE-MTP pretraining on DeepSpeed")
+    parser = _Parser(prog="ds-mtp", description="LSE-MTP pretraining on DeepSpeed")
     # The deepspeed launcher passes --local_rank=N to each rank (the rank is also in LOCAL_RANK).
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
