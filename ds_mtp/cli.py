@@ -45,7 +45,13 @@ def cmd_train(args) -> int:
                      *(["--resume"] if args.resume else []), *(["--data", args.data] if args.data else []),
                      *args.overrides]
         return run_local(args.nproc, forwarded)
-    train(cfg, args.run_dir, resume=args.resume)
+    try:
+        train(cfg, args.run_dir, resume=args.resume)
+    finally:  # this process was the launch: its own DeepSpeed all-reduce buffer goes with it
+        from ds_mtp.shm_buffers import remove_launch_buffers
+
+        if os.environ.get("MASTER_PORT", "").isdigit():
+            remove_launch_buffers(int(os.environ["MASTER_PORT"]))
     return 0
 
 
@@ -250,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ds_mtp.extensions import use_environment_extensions_dir
+
+    use_environment_extensions_dir()  # before any rank starts: they inherit it, and build DeepSpeed's ops once
     return run_parsed(build_parser(), argv)
 
 

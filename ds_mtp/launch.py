@@ -43,9 +43,15 @@ def run_local(nproc: int, module_args: list[str], log_path=None) -> int:
     """Start ``nproc`` ranks on this node through the deepspeed launcher; returns its exit code."""
     from ds_mtp.engine import free_port
 
-    cmd = deepspeed_command(nproc, module_args, free_port())
+    from ds_mtp.shm_buffers import remove_launch_buffers
+
+    master_port = free_port()
+    cmd = deepspeed_command(nproc, module_args, master_port)
     env = {**os.environ, "DS_MTP_PREPARED": "1", "PYTHONUNBUFFERED": "1"}
-    if log_path is None:
-        return subprocess.call(cmd, env=env)
-    with open(log_path, "w") as log:
-        return subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        if log_path is None:
+            return subprocess.call(cmd, env=env)
+        with open(log_path, "w") as log:
+            return subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    finally:  # reliability: DeepSpeed's CPU all-reduce leaves 69 MB per rank in /dev/shm
+        remove_launch_buffers(master_port)

@@ -223,3 +223,7 @@ def launch(o: LaunchOptions) -> int:
         return subprocess.call(plan.command, env={**os.environ, **plan.env})
     except FileNotFoundError as e:
         raise UserError(f"cannot start {plan.command[0]}: {e.strerror}") from None
+    finally:  # a single-node launch's ranks leave DeepSpeed's CPU all-reduce buffers in this node's /dev/shm
+        from ds_mtp.shm_buffers import remove_launch_buffers
+
+        remove_launch_buffers(plan.master_port)
