@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ds_mtp import safe_load
 from ds_mtp.config import RunConfig
 from ds_mtp.errors import UserError
 from ds_mtp.model import MTPModel
@@ -178,6 +179,7 @@ def build_engine(cfg: RunConfig, pad_id: int | None):
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    safe_load.install_weights_only_loading(engine)  # reliability: no code from checkpoint files (ds_mtp.safe_load)
     if t.compile == "always" or (t.compile == "gpu" and on_gpu()):
         engine.compile()
     return engine, model

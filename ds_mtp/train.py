@@ -73,6 +73,9 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool) -> RunConfig:
     if resume:
         if not has_checkpoint:
             raise UserError(f"--resume: no checkpoint in {run_dir / CHECKPOINT_DIR}")
+        from ds_mtp.safe_load import check_checkpoint_files  # reliability: refuse pickled code before any rank
+
+        check_checkpoint_files(run_dir / CHECKPOINT_DIR / (run_dir / CHECKPOINT_DIR / "latest").read_text().strip())
         previous = config_from_dict(json.loads(saved.read_text()))
         if previous.model != cfg.model:
             raise UserError(f"--resume: {run_dir} was trained with a different model config")
