@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from ds_mtp.errors import UserError, run_parsed
 
@@ -39,6 +40,12 @@ def cmd_train(args) -> int:
         from ds_mtp.teacher import check_rank_counts
 
         check_rank_counts(max(1, args.nproc), 1, cfg.teacher.ranks)
+    if args.resume and Path(args.run_dir, "checkpoints", "latest").is_file():  # reliability: another number of ranks
+        from ds_mtp.universal import prepare_resize
+
+        trainers = max(1, args.nproc) - cfg.teacher.ranks
+        args.overrides = [*args.overrides, *prepare_resize(cfg, Path(args.run_dir, "checkpoints"),
+                                                           trainers // cfg.train.pipeline_stages)]
     prepare_run(cfg, args.run_dir, args.resume)
     if args.nproc and args.nproc > 1:
         forwarded = ["train", "--run-dir", args.run_dir, *(["--config", args.config] if args.config else []),

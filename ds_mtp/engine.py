@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ds_mtp import safe_load
+from ds_mtp import safe_load, universal
 from ds_mtp.config import RunConfig
 from ds_mtp.errors import UserError
 from ds_mtp.model import MTPModel
@@ -162,8 +162,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_engine(cfg: RunConfig, pad_id: int | None):
-    """Create the model and the DeepSpeed engine. Returns (engine, model)."""
+def build_engine(cfg: RunConfig, pad_id: int | None, resume_plan=None):
+    """Create the model and the DeepSpeed engine. Returns (engine, model). ``resume_plan``: a
+    ds_mtp.universal.ResumePlan when resuming on another number of ranks."""
     import deepspeed
     import deepspeed.comm as dist
 
@@ -173,6 +174,8 @@ def build_engine(cfg: RunConfig, pad_id: int | None):
         for p in model.external_parameters():
             deepspeed.zero.register_external_parameter(model, p)
     ds_config = build_ds_config(cfg, dist.get_world_size(), on_gpu())
+    for key, value in universal.ds_config_entries(resume_plan).items():  # reliability: universal checkpoint
+        ds_config[key] = {**ds_config.get(key, {}), **value}
     t = cfg.train
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
                                   fused=on_gpu())

@@ -164,6 +164,11 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
     pad_id = meta.special_ids.get("pad")
     t = cfg.train
     pipeline = t.pipeline_stages > 1
+    resize = None  # reliability: a checkpoint saved on another number of data-parallel ranks (ds_mtp.universal)
+    if resume:
+        from ds_mtp.universal import rank_resume_plan
+
+        resize = rank_resume_plan(cfg, run_dir / CHECKPOINT_DIR, world // t.pipeline_stages)
     if pipeline:
         from ds_mtp.pipeline import build_pipeline_engine, describe_stages, train_step
 
@@ -172,7 +177,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
         holds_heads = engine.is_last_stage()
         stages_line = describe_stages(engine)
     else:
-        engine, model = build_engine(cfg, pad_id)
+        engine, model = build_engine(cfg, pad_id, resize)
         dp_rank, dp_size, n_params = rank, world, count_parameters(model)
         holds_heads = True
     if layout is not None and layout.replica_of(rank) != (dp_rank if holds_heads else None):
@@ -183,7 +188,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
 
     start_step = 0
     if resume:
-        load_path, client = engine.load_checkpoint(str(ckpt_dir))
+        from ds_mtp.universal import load_checkpoint
+
+        load_path, client = load_checkpoint(engine, ckpt_dir, resize)
         if load_path is None:
             raise UserError(f"--resume: could not load a checkpoint from {ckpt_dir}")
         start_step = client["step"]
