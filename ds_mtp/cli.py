@@ -18,7 +18,7 @@ TEACHER_FLAGS = {"lse_target": "source", "teacher_ranks": "ranks", "teacher_laye
 def cmd_train(args) -> int:
     from ds_mtp.config import load_config
     from ds_mtp.launch import inside_launch, is_launch_leader, run_local
-    from ds_mtp.train import prepare_run, train
+    from ds_mtp.train import CHECKPOINT_DIR, prepare_run, train
 
     args.overrides = [*(f"teacher.{field}={getattr(args, flag)}" for flag, field in TEACHER_FLAGS.items()
                         if getattr(args, flag) is not None), *args.overrides]
@@ -40,11 +40,11 @@ def cmd_train(args) -> int:
         from ds_mtp.teacher import check_rank_counts
 
         check_rank_counts(max(1, args.nproc), 1, cfg.teacher.ranks)
-    if args.resume and Path(args.run_dir, "checkpoints", "latest").is_file():  # reliability: another number of ranks
+    if args.resume and Path(args.run_dir, CHECKPOINT_DIR, "latest").is_file():  # reliability: another number of ranks
         from ds_mtp.universal import prepare_resize
 
         trainers = max(1, args.nproc) - cfg.teacher.ranks
-        args.overrides = [*args.overrides, *prepare_resize(cfg, Path(args.run_dir, "checkpoints"),
+        args.overrides = [*args.overrides, *prepare_resize(cfg, Path(args.run_dir, CHECKPOINT_DIR),
                                                            trainers // cfg.train.pipeline_stages)]
     prepare_run(cfg, args.run_dir, args.resume)
     if args.nproc and args.nproc > 1:

@@ -207,11 +207,28 @@ def _check_back_end(o: LaunchOptions, plan: Launch) -> None:
         raise UserError(f"--launcher {o.launcher} needs {program}, which is not installed here{hint}")
 
 
+def resize_overrides(o: LaunchOptions, plan: Launch, cfg) -> list[str]:
+    """``--resume`` of a checkpoint saved on another number of data-parallel ranks: convert it (ds_mtp.universal)
+    and return the override that keeps its global batch; nodes that do not lead are told by their ranks."""
+    from ds_mtp.train import CHECKPOINT_DIR
+
+    ckpt_dir = Path(o.run_dir) / CHECKPOINT_DIR
+    if not (o.resume and plan.leads and not o.dry_run and (ckpt_dir / "latest").is_file()):
+        return []
+    from ds_mtp.universal import prepare_resize
+
+    return prepare_resize(cfg, ckpt_dir, plan.layout.data_parallel)
+
+
 def launch(o: LaunchOptions) -> int:
     """Check, print the exact command, and run it (unless dry_run). Returns the launcher's exit code."""
     from ds_mtp.train import prepare_run
 
     plan, cfg = plan_launch(o)
+    resize = resize_overrides(o, plan, cfg)  # reliability: a checkpoint saved on another number of ranks
+    if resize:
+        o.overrides = [*o.overrides, *resize]
+        plan, cfg = plan_launch(o)
     print(plan.summary)
     print(render(plan.command, plan.env), flush=True)
     if o.dry_run:

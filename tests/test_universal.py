@@ -59,6 +59,21 @@ def test_ranks_another_launcher_started_say_what_to_run(tmp_path):
     assert prepare_resize(cfg, ckpt, 1) == ["train.grad_accum=4"] and cfg.train.grad_accum == 4
 
 
+def test_ds_mtp_launch_keeps_the_global_batch_when_it_leads(tmp_path):
+    from types import SimpleNamespace
+
+    from launcher.run import LaunchOptions, resize_overrides
+
+    _fake_checkpoint(tmp_path / "run" / "checkpoints", dp_world_size=2, train_batch_size=8)
+    plan = SimpleNamespace(leads=True, layout=SimpleNamespace(data_parallel=1))
+    cfg = _cfg("train.grad_accum=2", "train.zero_stage=0")
+    options = LaunchOptions(run_dir=str(tmp_path / "run"), resume=True)
+    assert resize_overrides(options, plan, cfg) == ["train.grad_accum=4"]
+    assert resize_overrides(LaunchOptions(run_dir=str(tmp_path / "run"), resume=True, dry_run=True), plan, cfg) == []
+    plan.leads = False  # another node's ranks check by themselves (rank_resume_plan)
+    assert resize_overrides(options, plan, cfg) == []
+
+
 ARGS = ["model.preset=tiny", "model.mtp_k=2", "objective.lambda_latent=0", "train.seq_len=32", "train.micro_batch=2",
         "train.max_steps=4", "train.save_model=false"]
 
