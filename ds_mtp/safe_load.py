@@ -66,11 +66,12 @@ def weights_only_torch_load():
     def guarded(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **kwargs):
         return load(f, map_location=map_location, mmap=bool(mmap))
 
+    previous = torch.load  # nested uses restore what they found
     torch.load = guarded
     try:
         yield
     finally:
-        torch.load = _ORIGINAL_TORCH_LOAD
+        torch.load = previous
 
 
 def check_checkpoint_files(tag_dir: str | Path) -> None:

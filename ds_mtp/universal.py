@@ -96,11 +96,14 @@ def convert(ckpt_dir: str | Path, tag: str) -> Path:
     final = ckpt_dir / (tag + UNIVERSAL_SUFFIX)
     tmp = ckpt_dir / (tag + UNIVERSAL_SUFFIX + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a conversion that was killed
+    # One worker: the work runs in this process, where weights_only_torch_load holds.
     args = argparse.Namespace(input_folder=str(ckpt_dir / tag), output_folder=str(tmp), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True,
                               # ds-mtp's client state has no universal_checkpoint_info: DeepSpeed's default one
                               inject_missing_state=True)
-    with contextlib.redirect_stdout(io.StringIO()), weights_only_torch_load():  # it narrates every step
+    # It narrates every step on stdout and draws progress bars on stderr; its errors still propagate.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            weights_only_torch_load():
         ds_to_universal(args)
     tmp.rename(final)
     return final
