@@ -42,7 +42,6 @@ def deepspeed_command(nproc: int, module_args: list[str], master_port: int) -> l
 def run_local(nproc: int, module_args: list[str], log_path=None) -> int:
     """Start ``nproc`` ranks on this node through the deepspeed launcher; returns its exit code."""
     from ds_mtp.engine import free_port
-
     from ds_mtp.shm_buffers import remove_launch_buffers
 
     master_port = free_port()

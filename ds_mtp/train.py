@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from ds_mtp.config import RunConfig, config_from_dict
-from ds_mtp.data_checks import check_data
 from ds_mtp.data import TokenShards, WindowSampler, read_meta, write_atomic
+from ds_mtp.data_checks import check_data
 from ds_mtp.errors import UserError
 
 CONFIG_NAME = "config.json"

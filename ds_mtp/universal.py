@@ -109,12 +109,12 @@ def convert(ckpt_dir: str | Path, tag: str) -> Path:
     return final
 
 
-def prepare_resize(cfg: RunConfig, ckpt_dir: str | Path, dp_size: int) -> list[str]:
-    """In the launching process of ``--resume``: when the latest checkpoint was saved on another number of
-    data-parallel ranks, convert it (once) and set train.grad_accum in ``cfg``; returns the overrides that
-    carry the new accumulation to the ranks ([] when nothing changes)."""
+def prepare_resize(cfg: RunConfig, ckpt_dir: str | Path, dp_size: int, tag: str | None = None) -> list[str]:
+    """In the launching process of ``--resume``: when checkpoint ``tag`` (default: the latest) was saved on another
+    number of data-parallel ranks, convert it (once) and set train.grad_accum in ``cfg``; returns the overrides
+    that carry the new accumulation to the ranks ([] when nothing changes)."""
     ckpt_dir = Path(ckpt_dir)
-    tag = (ckpt_dir / "latest").read_text().strip()
+    tag = tag or (ckpt_dir / "latest").read_text().strip()
     plan = resume_plan(cfg, ckpt_dir, tag, dp_size)
     if plan is None:
         return []
@@ -129,11 +129,11 @@ def prepare_resize(cfg: RunConfig, ckpt_dir: str | Path, dp_size: int) -> list[s
     return [f"train.grad_accum={plan.grad_accum}"]
 
 
-def rank_resume_plan(cfg: RunConfig, ckpt_dir: str | Path, dp_size: int) -> ResumePlan | None:
-    """On a rank of ``--resume``: the plan for the latest checkpoint, refused in one line that says what to run when
-    the launching process did not prepare it (a launcher other than ds-mtp's)."""
+def rank_resume_plan(cfg: RunConfig, ckpt_dir: str | Path, dp_size: int, tag: str | None = None) -> ResumePlan | None:
+    """On a rank of ``--resume``: the plan for checkpoint ``tag`` (default: the latest), refused in one line that says
+    what to run when the launching process did not prepare it (a launcher other than ds-mtp's)."""
     ckpt_dir = Path(ckpt_dir)
-    tag = (ckpt_dir / "latest").read_text().strip()
+    tag = tag or (ckpt_dir / "latest").read_text().strip()
     plan = resume_plan(cfg, ckpt_dir, tag, dp_size)
     if plan is None:
         return None
@@ -148,8 +148,8 @@ def rank_resume_plan(cfg: RunConfig, ckpt_dir: str | Path, dp_size: int) -> Resu
     return plan
 
 
-def load_checkpoint(engine, ckpt_dir: str | Path, plan: ResumePlan | None):
-    """``engine.load_checkpoint`` of the latest checkpoint, or of ``plan``'s universal one.
+def load_checkpoint(engine, ckpt_dir: str | Path, plan: ResumePlan | None, tag: str | None = None):
+    """``engine.load_checkpoint`` of checkpoint ``tag`` (default: the latest), or of ``plan``'s universal one.
 
     DeepSpeed 0.19.8's ZeRO-3 universal load (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3)
     leaves two faults that this undoes, so that the run continues exactly:
@@ -161,7 +161,7 @@ def load_checkpoint(engine, ckpt_dir: str | Path, plan: ResumePlan | None):
       group: the bias correction of the second group would count two steps per step. Each gets its own.
     """
     if plan is None:
-        return engine.load_checkpoint(str(ckpt_dir))
+        return engine.load_checkpoint(str(ckpt_dir), tag=tag)
     groups = getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups
     built = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
     loaded = engine.load_checkpoint(str(ckpt_dir), tag=plan.tag)
