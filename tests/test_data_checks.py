@@ -98,3 +98,13 @@ def test_full_verify_reads_token_ids_a_manifest_without_hashes_cannot_vouch_for(
     (data / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(UserError, match="holds token id 63, not below the model's vocab_size=62"):
         check_data(data, read_meta(data), ["train"], 62, "full")
+
+
+def test_a_manifest_without_max_token_id_has_its_ids_read(tmp_path):
+    data = make_token_data(tmp_path / "d")
+    raw = json.loads((data / "manifest.json").read_text())
+    del raw["max_token_id"]  # another producer's manifest: read as -1, which vouches for nothing
+    (data / "manifest.json").write_text(json.dumps(raw))
+    check_data(data, read_meta(data), ["train"], 64, "quick")
+    with pytest.raises(UserError, match="holds token id 61, not below the model's vocab_size=61"):
+        check_data(data, read_meta(data), ["train"], 61, "quick")
