@@ -71,12 +71,17 @@ def test_a_rank_resuming_by_itself_reads_deepspeeds_files_weights_only(planted_r
     (target,) = (run / "checkpoints" / "step2").glob("*optim_states.pt")
     plant(target, marker)
     from ds_mtp.engine import free_port
+    from ds_mtp.shm_buffers import remove_launch_buffers
 
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_MTP_PREPARED": "1", "RANK": "0", "LOCAL_RANK": "0",
-           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, "-m", "ds_mtp.cli", "train", "--run-dir", str(run), "--resume",
-                           f"data.path={token_data}", *TINY, "train.max_steps=3"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "ds_mtp.cli", "train", "--run-dir", str(run), "--resume",
+                               f"data.path={token_data}", *TINY, "train.max_steps=3"],
+                              capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    finally:  # this test is the launcher of that rank
+        remove_launch_buffers(port)
     _refused(proc, marker, target.name)
 
 
