@@ -10,7 +10,7 @@ so its shards' ids are read instead.
 ``data.verify=full`` also reads every shard of the splits the run uses: the sha256 of each ``.bin`` and
 ``.idx`` against the manifest (what ``ds-mtp prep shard`` and ``ds-mtp world make`` record) and the
 largest token id actually stored. It catches a shard overwritten in place with the same size. It costs one
-read of the data (about the speed of ``sha256sum``), once, in the launching process.
+read of the data, once, in the launching process.
 
 What neither can see, a shard changed after the run started, the sampler still refuses batch by batch
 (``ds_mtp.data.WindowSampler``): a token id outside the vocabulary stops the run with one line, not an

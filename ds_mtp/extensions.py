@@ -1,6 +1,6 @@
 """One cache of compiled DeepSpeed/torch extensions per Python environment.
 
-torch builds DeepSpeed's ops (the CPU ``shm`` all-reduce: 60-100 s on 2 cores) into TORCH_EXTENSIONS_DIR,
+torch builds DeepSpeed's ops (the CPU ``shm`` all-reduce, a C++ build) into TORCH_EXTENSIONS_DIR,
 by default ``~/.cache/torch_extensions``, shared by every environment of the user. The build is keyed on
 its sources' paths, so two environments (two clones, or a clone and a test run) take turns rebuilding it.
 ``ds-mtp`` gives each environment its own cache unless the user chose one: set once where ds-mtp starts

@@ -2,7 +2,7 @@
 
 On one node, DeepSpeed's CPU communication (its ``shm`` op) gives every rank a buffer
 ``/dev/shm/deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}`` of about 69 MB and never
-unlinks it: every launch leaves one per rank, and /dev/shm fills (305 of them took 20 GB on a 2-core VM).
+unlinks it: every launch leaves one per rank, and /dev/shm fills up.
 A launch ds-mtp started knows its master port, so when the launch has ended ds-mtp removes the buffers
 named after that port (``remove_launch_buffers``). A buffer that some other live process still maps
 belongs to a job that is running (a port is reused only after its launch ended), and is left alone.
