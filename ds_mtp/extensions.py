@@ -2,7 +2,8 @@
 
 torch builds DeepSpeed's ops (the CPU ``shm`` all-reduce, a C++ build) into TORCH_EXTENSIONS_DIR,
 by default ``~/.cache/torch_extensions``, shared by every environment of the user. A build is keyed on
-its sources and build flags, which hold the environment's include paths, so two environments (two clones, or a clone and a test run) take turns rebuilding it.
+its sources and build flags, which hold the environment's include paths, so two environments (two
+clones, or a clone and a test run) take turns rebuilding it.
 ``ds-mtp`` gives each environment its own cache unless the user chose one: set once where ds-mtp starts
 (``ds_mtp.cli.main``), before any rank is launched, so every rank inherits it and on other nodes each rank's
 own ``ds-mtp`` start sets the same path.
