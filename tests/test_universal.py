@@ -50,8 +50,8 @@ def test_ranks_another_launcher_started_say_what_to_run(tmp_path):
     ckpt = _fake_checkpoint(tmp_path / "checkpoints", dp_world_size=2, train_batch_size=8)
     with pytest.raises(UserError, match="pass train.grad_accum=4 to keep them"):
         rank_resume_plan(_cfg("train.grad_accum=2"), ckpt, 1)
-    with pytest.raises(UserError, match="convert it first: python -m deepspeed.checkpoint.ds_to_universal "
-                                        "--inject_missing_state --input_folder .*step2 --output_folder .*step2_universal"):
+    command = "python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state --input_folder .*step2 "
+    with pytest.raises(UserError, match=f"convert it first: {command}--output_folder .*step2_universal"):
         rank_resume_plan(_cfg("train.grad_accum=4"), ckpt, 1)
     (ckpt / "step2_universal").mkdir()
     assert rank_resume_plan(_cfg("train.grad_accum=4"), ckpt, 1).tag == "step2_universal"
