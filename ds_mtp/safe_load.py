@@ -7,11 +7,12 @@ checkpoint copied from elsewhere could run code on ``ds-mtp export`` or ``--resu
 and the engines read through ``WeightsOnlyCheckpointEngine``. A refused file is one line naming it and the
 global it asked for, exit 2; nothing from it ran.
 
-What DeepSpeed 0.19.8 pickles beyond tensors and plain containers (found by loading the model_states and
-optim_states files of ZeRO-0/1/2/3 and pipeline checkpoints, and of their universal conversion, with nothing
-allowed): its loss scaler (the scale is in the object's fields), the ZeRO stage enum and the
-``fragment_address`` named tuple of the optimizer's parameter slices. Only those classes are allowed, by
-name, with ``torch.serialization.safe_globals``; they rebuild from their fields and run no code of the file's.
+What DeepSpeed 0.19.8 pickles beyond tensors and plain containers, found by loading with nothing allowed
+the model_states and optim_states files of ZeRO-0/1/2/3 (fp32; ZeRO-1/3 in bf16) and pipeline checkpoints,
+and of their universal conversion: its loss scaler (the scale is in the object's fields), the ZeRO stage
+enum and the ``fragment_address`` named tuple of the optimizer's parameter slices. Only those classes are
+allowed, by name, with ``torch.serialization.safe_globals``; they rebuild from their fields and run no code
+of the file's. (The per-rank RNG files ``ds_mtp.train`` writes become tensors / JSON in its own change.)
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ DEEPSPEED_FILE_PATTERNS = ("*model_states.pt", "*optim_states.pt")
 
 def deepspeed_checkpoint_globals() -> list:
     """The classes a DeepSpeed checkpoint pickles besides tensors, dicts, lists, tuples, sets and torch.Size."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 def _refusal(path, error: pickle.UnpicklingError) -> UserError:

@@ -25,7 +25,7 @@ def _cfg(*overrides):
 
 
 def test_the_plan_keeps_the_global_batch(tmp_path):
-    ckpt = _fake_checkpoint(tmp_path / "checkpoints", dp_world_size=2, train_batch_size=8)  # 2 x accum 2 x 2 ranks
+    ckpt = _fake_checkpoint(tmp_path / "checkpoints", dp_world_size=2, train_batch_size=8)  # micro 2 x accum 2 x 2 ranks
     assert resume_plan(_cfg(), ckpt, "step2", 2) is None
     plan = resume_plan(_cfg("train.grad_accum=2"), ckpt, "step2", 1)
     assert (plan.tag, plan.saved_ranks, plan.global_batch, plan.grad_accum, plan.universal) == \
