@@ -159,15 +159,20 @@ def resume_tag(run_dir: RunDir) -> tuple[str, str | None]:
     raise UserError(f"--resume: no complete checkpoint in {ckpt} ('{latest or LATEST_FILE}': {reason})")
 
 
-def load(engine, run_dir: RunDir, tag: str) -> dict:
-    """Load checkpoint ``tag`` into the engine and this rank's RNG states; returns DeepSpeed's client state."""
+def load(engine, run_dir: RunDir, tag: str, resize=None) -> dict:
+    """Load checkpoint ``tag`` into the engine, and this rank's RNG states; returns DeepSpeed's client state.
+
+    ``resize`` (ds_mtp.universal.ResumePlan): the checkpoint was saved on another number of data-parallel ranks
+    and loads from its universal conversion; a rank that had no counterpart then takes rank 0's RNG states."""
     import deepspeed.comm as dist
 
-    load_path, client = engine.load_checkpoint(str(run_dir.checkpoints), tag=tag)
+    from ds_mtp.universal import load_checkpoint
+
+    load_path, client = load_checkpoint(engine, run_dir.checkpoints, resize, tag)
     if load_path is None:
         raise UserError(f"--resume: DeepSpeed could not load checkpoint {run_dir.checkpoints / tag}")
     rng_path = run_dir.checkpoints / tag / RNG_FILE.format(rank=dist.get_rank())
-    if not rng_path.is_file():
-        raise UserError(f"--resume: {rng_path} is missing (the checkpoint was written by another number of ranks?)")
+    if resize is not None and not rng_path.is_file():
+        rng_path = run_dir.checkpoints / tag / RNG_FILE.format(rank=0)
     set_rng_state(torch.load(rng_path, weights_only=True))
     return client

@@ -34,16 +34,29 @@ def cmd_train(args) -> int:
         return launch(LaunchOptions(run_dir=args.run_dir, config=args.config, overrides=overrides, nproc=args.nproc,
                                     resume=args.resume))
     cfg = load_config(args.config, overrides)
-    if inside_launch() and (os.environ.get("DS_MTP_PREPARED") or not is_launch_leader()):
+    launched = inside_launch()  # before train(): it writes this process's rank environment
+    if launched and (os.environ.get("DS_MTP_PREPARED") or not is_launch_leader()):
         train(cfg, args.run_dir, resume=args.resume)  # the launching process checked RUN_DIR and holds its lock
         return 0
-    with RunLock(RunDir(args.run_dir)):
-        if not inside_launch():
+    paths = RunDir(args.run_dir)
+    with RunLock(paths):
+        if not launched:
             from ds_mtp.ranks import layout_of
 
             layout_of(cfg, 1)
+            if args.resume and paths.has_checkpoint():  # saved on more ranks? convert it, keep its global batch
+                from ds_mtp.checkpoint import resume_tag
+                from ds_mtp.universal import prepare_resize
+
+                prepare_resize(cfg, paths.checkpoints, 1, resume_tag(paths)[0])
         cfg = prepare_run(cfg, args.run_dir, args.resume)
-        train(cfg, args.run_dir, resume=args.resume)
+        try:
+            train(cfg, args.run_dir, resume=args.resume)
+        finally:  # a process started by hand was the whole launch: its DeepSpeed all-reduce buffer goes with it
+            from ds_mtp.shm_buffers import remove_launch_buffers
+
+            if not launched and os.environ.get("MASTER_PORT", "").isdigit():
+                remove_launch_buffers(int(os.environ["MASTER_PORT"]))
     return 0
 
 
@@ -141,8 +154,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose subcommands take their section.field=value overrides anywhere, also after an
+    option (argparse fills a positional list from one run of arguments only: ``--nproc 2 train.max_steps=2``
+    after an earlier override would be "unrecognized")."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras and isinstance(getattr(parsed, "overrides", None), list) \
+                and all("=" in e and not e.startswith("-") for e in extras):
+            parsed.overrides = [*parsed.overrides, *extras]  # argv order kept: a later override still wins
+        elif extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ds-mtp", description="LSE-MTP pretraining on DeepSpeed")
+    parser = _Parser(prog="ds-mtp", description="LSE-MTP pretraining on DeepSpeed")
     # The deepspeed launcher passes --local_rank=N to each rank (the rank is also in LOCAL_RANK).
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -295,6 +323,9 @@ def run_parsed(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ds_mtp.extensions import use_environment_extensions_dir
+
+    use_environment_extensions_dir()  # before any rank starts: they inherit it, and build DeepSpeed's ops once
     return run_parsed(build_parser(), argv)
 
 

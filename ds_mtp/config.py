@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import yaml
 
 from ds_mtp.data import SAMPLING_MODES
+from ds_mtp.data_checks import VERIFY_MODES
 from ds_mtp.errors import UserError
 
 HEAD_TYPES = ("linear", "block", "sequential")
@@ -193,6 +195,11 @@ class DataConfig:
     eval_split: str = ""
     """Split evaluated with train.eval_every; "" = "val" (ds-mtp prep shard --val-fraction) when the data has
     it, else "heldout" (a world's held-out paths)."""
+    verify: str = "quick"
+    """What is checked of the data before any rank starts (ds_mtp.data_checks): "quick" = the manifest's dtype
+    and largest token id against the model's vocabulary and every shard's file sizes (a stat per shard);
+    "full" = also the sha256 of every shard of the splits used against the manifest, and their token ids (one
+    read of the data)."""
 
 
 @dataclass
@@ -265,7 +272,16 @@ def _build(cls, values: dict, where: str):
                     raise UserError(f"{where}.{f.name} must be a number, got {value!r}") from None
             else:
                 raise UserError(f"{where}.{f.name} must be {type(default).__name__}, got {value!r}")
+        _refuse_non_finite(getattr(obj, f.name), f"{where}.{f.name}")
     return obj
+
+
+def _refuse_non_finite(value, name: str) -> None:
+    """NaN and inf are valid YAML/JSON numbers but no field means them: a NaN loss weight would train on NaN."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise UserError(f"{name} must be a finite number, got {value!r}")
 
 
 def config_from_dict(raw: dict) -> RunConfig:
@@ -415,5 +431,7 @@ def validate(cfg: RunConfig) -> None:
                         "negative")
     if th.source != "self" and m.mtp_k < 2:
         raise UserError(f"teacher.source={th.source} supplies latent targets for heads k >= 2, but model.mtp_k=1")
+    if cfg.data.verify not in VERIFY_MODES:
+        raise UserError(f"data.verify must be one of {', '.join(VERIFY_MODES)} (got '{cfg.data.verify}')")
     if cfg.data.sampling not in SAMPLING_MODES:
         raise UserError(f"data.sampling must be one of {', '.join(SAMPLING_MODES)} (got '{cfg.data.sampling}')")

@@ -125,6 +125,38 @@ def read_meta(data_dir: str | Path) -> Meta:
         raise UserError(f"{path} is not a valid ds-mtp manifest: {e}") from None
 
 
+SHARD_DTYPES = ("<u2", "<u4")
+"""The token dtypes a shard may have (``token_dtype``)."""
+
+
+def shard_dtype(meta: Meta, data_dir: str | Path) -> np.dtype:
+    """The manifest's token dtype, refused in one line unless it is one of SHARD_DTYPES."""
+    if meta.dtype not in SHARD_DTYPES:
+        raise UserError(f"{manifest_path(data_dir)} has dtype {meta.dtype!r}; ds-mtp shards are "
+                        f"{' or '.join(SHARD_DTYPES)}")
+    return np.dtype(meta.dtype)
+
+
+def shard_size_problem(data_dir: str | Path, info: ShardInfo, dtype: np.dtype, manifest: str) -> str | None:
+    """Why shard ``info`` cannot be memory-mapped as the manifest describes it (a line), or None when it can.
+
+    Only file sizes are read: a ``.bin`` of ``tokens`` ids of ``dtype`` and an ``.idx`` of ``documents + 1``
+    int64 offsets. A truncated shard, an odd byte count or a dtype the shards were not written with fail here."""
+    data_dir = Path(data_dir)
+    bin_path, idx_path = data_dir / f"{info.name}.bin", data_dir / f"{info.name}.idx"
+    if not bin_path.is_file() or not idx_path.is_file():
+        return f"shard {info.name} listed in {manifest} is missing from {data_dir}"
+    size, expected = bin_path.stat().st_size, info.tokens * dtype.itemsize
+    if size != expected:
+        return (f"shard {bin_path} does not match {manifest}: {size} bytes, not {info.tokens} tokens of {dtype.str} "
+                f"({expected} bytes); the shard is truncated or replaced, or the manifest's dtype is wrong")
+    size, expected = idx_path.stat().st_size, (info.documents + 1) * 8
+    if size != expected:
+        return (f"shard index {idx_path} does not match {manifest}: {size} bytes, not {info.documents + 1} int64 "
+                f"offsets ({expected} bytes); the index is truncated or replaced")
+    return None
+
+
 class ShardWriter:
     """Appends documents to the shards of one split, rolling over every ~``shard_tokens`` tokens.
 
@@ -311,12 +343,14 @@ class TokenShards:
             raise UserError(f"{data_dir} has no '{split}' tokens")
         self.tokens: list[np.ndarray] = []
         self.offsets: list[np.ndarray] = []
+        dtype = shard_dtype(self.meta, data_dir)
         for info in infos:
             bin_path = self.data_dir / f"{info.name}.bin"
             idx_path = self.data_dir / f"{info.name}.idx"
-            if not bin_path.is_file() or not idx_path.is_file():
-                raise UserError(f"shard {info.name} listed in {manifest} is missing from {data_dir}")
-            toks = np.memmap(bin_path, dtype=np.dtype(self.meta.dtype), mode="r")
+            problem = shard_size_problem(data_dir, info, dtype, manifest)
+            if problem:  # before np.memmap, which fails on an odd byte count with a traceback
+                raise UserError(problem)
+            toks = np.memmap(bin_path, dtype=dtype, mode="r")
             offs = np.fromfile(idx_path, dtype="<i8")
             if toks.size != info.tokens or offs.size != info.documents + 1 or offs[-1] != toks.size:
                 raise UserError(f"shard {info.name} in {data_dir} does not match {manifest} (truncated or replaced)")
@@ -521,7 +555,17 @@ class WindowSampler:
                 doc_ids[rows] = local[:, None]
         import torch
 
+        self._check_ids(tokens)
         return Batch(torch.from_numpy(tokens), torch.from_numpy(doc_ids))
+
+    def _check_ids(self, tokens: np.ndarray) -> None:
+        """A token id outside the vocabulary would fail deep in the embedding; the manifest said it cannot occur,
+        so a shard changed after it was checked (ds_mtp.data_checks). One comparison per batch."""
+        top = int(tokens.max()) if tokens.size else -1
+        if top >= self.shards.meta.vocab_size:
+            raise UserError(f"split '{self.shards.split}' of {self.shards.data_dir} holds token id {top}, not below its "
+                            f"vocab_size={self.shards.meta.vocab_size}: a shard changed after it was written (ds-mtp "
+                            f"prep verify {self.shards.data_dir} names it)")
 
     def _packed_documents_batch(self, windows: np.ndarray) -> Batch:
         import torch
@@ -543,4 +587,5 @@ class WindowSampler:
             source = self._doc_start[token_doc[sel]] + within[sel]
             tokens[token_row[sel], token_col[sel]] = self.shards.tokens[s][source]
         doc_ids[token_row, token_col] = self._doc_index[token_doc]
+        self._check_ids(tokens)
         return Batch(torch.from_numpy(tokens), torch.from_numpy(doc_ids))

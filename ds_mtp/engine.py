@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 import ds_configs
+from ds_mtp import safe_load, universal
 from ds_mtp.config import RunConfig
 from ds_mtp.errors import UserError
 from ds_mtp.model import MTPModel
@@ -160,21 +161,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def initialize(cfg: RunConfig, module: torch.nn.Module, dp_size: int):
+def initialize(cfg: RunConfig, module: torch.nn.Module, dp_size: int, resume_plan=None):
     """AdamW (the paper's decay rule: param_groups) and the warm-up + cosine schedule around ``module``, as one
-    DeepSpeed engine; the ZeRO and the pipeline layouts both start here."""
+    DeepSpeed engine; the ZeRO and the pipeline layouts both start here. ``resume_plan``: a
+    ds_mtp.universal.ResumePlan when resuming on another number of ranks. Checkpoints load weights-only."""
     import deepspeed
 
     t = cfg.train
+    ds_config = build_ds_config(cfg, dp_size, on_gpu())
+    for key, value in universal.ds_config_entries(resume_plan).items():
+        ds_config[key] = {**ds_config.get(key, {}), **value}
     optimizer = torch.optim.AdamW(param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
                                   fused=on_gpu())
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, config=build_ds_config(cfg, dp_size, on_gpu()),
+        model=module, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    safe_load.install_weights_only_loading(engine)  # no code from checkpoint files (ds_mtp.safe_load)
     return engine
 
 
-def build_engine(cfg: RunConfig, pad_id: int | None):
+def build_engine(cfg: RunConfig, pad_id: int | None, resume_plan=None):
     """Create the model and its ZeRO engine (every rank one data-parallel replica). Returns (engine, model)."""
     import deepspeed
     import deepspeed.comm as dist
@@ -184,7 +190,7 @@ def build_engine(cfg: RunConfig, pad_id: int | None):
     if cfg.train.zero_stage == 3:
         for p in model.external_parameters():
             deepspeed.zero.register_external_parameter(model, p)
-    engine = initialize(cfg, model, dist.get_world_size())
+    engine = initialize(cfg, model, dist.get_world_size(), resume_plan)
     t = cfg.train
     if t.compile == "always" or (t.compile == "gpu" and on_gpu()):
         engine.compile()

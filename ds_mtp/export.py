@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ds_mtp import safe_load
 from ds_mtp.config import config_from_dict
 from ds_mtp.errors import UserError
 from ds_mtp.run_dir import LATEST_FILE
@@ -44,7 +45,7 @@ def _client_state(tag_dir: Path) -> dict:
     files = sorted(tag_dir.glob("*mp_rank_*_model_states.pt"))  # zero_pp_rank_R_ under ZeRO-2/3
     if not files:
         raise UserError(f"{tag_dir} is not a DeepSpeed checkpoint (no *mp_rank_*_model_states.pt)")
-    return torch.load(files[0], map_location="cpu", weights_only=False)
+    return safe_load.load(files[0])
 
 
 def zero_state_dict(ckpt_dir: Path, tag: str, zero_stage: int, client: dict) -> dict[str, torch.Tensor]:
@@ -58,7 +59,8 @@ def zero_state_dict(ckpt_dir: Path, tag: str, zero_stage: int, client: dict) -> 
     ds_logger.setLevel(logging.WARNING)
     os.environ.setdefault("TQDM_DISABLE", "1")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates each file it reads
+        # zero_to_fp32 narrates each file it reads, and loads them with weights_only=False
+        with contextlib.redirect_stdout(io.StringIO()), safe_load.weights_only_torch_load():
             return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"cannot consolidate the ZeRO-{zero_stage} checkpoint {ckpt_dir / tag}: {e}") from None

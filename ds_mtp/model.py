@@ -452,8 +452,29 @@ def save_exported(model: MTPModel, state_dict: dict, out_dir: str | Path, extra:
     return out_dir
 
 
+def _unreadable_weights(weights: Path, e: Exception) -> str:
+    return (f"{weights} cannot be read as safetensors ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+            "truncated or not an exported model")
+
+
+def check_exported_weights(model_dir: str | Path) -> None:
+    """Refuse an exported model whose model.safetensors is truncated or foreign, reading only its header (safetensors
+    checks that the header's tensors cover the file exactly): a teacher is checked so before any rank starts."""
+    from safetensors import SafetensorError, safe_open
+
+    from ds_mtp.errors import UserError
+
+    weights = Path(model_dir) / "model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise UserError(_unreadable_weights(weights, e)) from None
+
+
 def load_exported(model_dir: str | Path, device: str | torch.device = "cpu") -> MTPModel:
     """Load an exported model directory (model.safetensors + config.json); no DeepSpeed needed."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from ds_mtp.errors import UserError
@@ -461,7 +482,20 @@ def load_exported(model_dir: str | Path, device: str | torch.device = "cpu") -> 
     model_dir = Path(model_dir)
     if not (model_dir / "model.safetensors").is_file() or not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir} is not an exported model (needs model.safetensors and config.json)")
-    config = json.loads((model_dir / "config.json").read_text())
-    model = MTPModel(ModelConfig(**config["model"]), ObjectiveConfig(**config["objective"]), config.get("pad_id"))
-    model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=True)
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+        model = MTPModel(ModelConfig(**config["model"]), ObjectiveConfig(**config["objective"]), config.get("pad_id"))
+    except (ValueError, TypeError, KeyError) as e:  # JSON errors are ValueErrors; a field too many is a TypeError
+        raise UserError(f"{model_dir / 'config.json'} is not an exported model's config ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else e!r})") from None
+    weights = model_dir / "model.safetensors"
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:  # a truncated or foreign file
+        raise UserError(_unreadable_weights(weights, e)) from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"{weights} does not hold the weights its config.json describes: "
+                        f"{' '.join(str(e).split())[:300]}") from None
     return model.to(device).eval()

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ds_mtp import safe_load
 from ds_mtp.config import ModelConfig, RunConfig
 from ds_mtp.errors import UserError
 from ds_mtp.model import AttentionLayout, MTPModel, attention_layout
@@ -304,7 +305,7 @@ def pipeline_state_dict(tag_dir: str | Path, n_layer: int) -> dict[str, torch.Te
         files = sorted(tag_dir.glob(f"layer_{index:02d}-*model_states.pt"))
         if not files:
             raise UserError(f"{tag_dir} is not a complete pipeline checkpoint: layer_{index:02d} is missing")
-        layer_state = torch.load(files[0], map_location="cpu", weights_only=True)
+        layer_state = safe_load.load(files[0])
         for key, value in layer_state.items():
             if not key.startswith(layer_prefix):
                 raise UserError(f"{files[0]}: unexpected entry '{key}' (not an ds-mtp pipeline checkpoint?)")

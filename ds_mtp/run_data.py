@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from ds_mtp.config import RunConfig
 from ds_mtp.data import Meta, TokenShards, WindowSampler, read_meta
+from ds_mtp.data_checks import check_data
 from ds_mtp.errors import UserError
 
 
-def resolve_data(cfg: RunConfig) -> RunConfig:
-    """Fill the vocab size from the data and check that the data fits the model."""
-    return load_run_data(cfg)[0]
+def resolve_data(cfg: RunConfig, verify: bool = False) -> RunConfig:
+    """Fill the vocab size from the data and check that the data fits the model (ds_mtp.data_checks); with
+    ``verify`` (the launching process), data.verify=full also hashes the shards."""
+    return load_run_data(cfg, verify)[0]
 
 
-def load_run_data(cfg: RunConfig) -> tuple[RunConfig, Meta]:
+def load_run_data(cfg: RunConfig, verify: bool = False) -> tuple[RunConfig, Meta]:
     """resolve_data, and the data's manifest it read (read once per process)."""
     if not cfg.data.path:
         raise UserError("no training data: set data.path=DIR (a directory written by ds-mtp prep or ds-mtp world make)")
@@ -21,9 +23,8 @@ def load_run_data(cfg: RunConfig) -> tuple[RunConfig, Meta]:
         raise UserError(f"{cfg.data.path} has no split '{cfg.data.split}' (has: {', '.join(meta.splits) or 'none'})")
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = meta.vocab_size
-    if meta.max_token_id >= cfg.model.vocab_size:
-        raise UserError(f"data in {cfg.data.path} has token id {meta.max_token_id}, not below the model's "
-                        f"vocab_size={cfg.model.vocab_size}")
+    verify_mode = cfg.data.verify if verify else "quick"
+    check_data(cfg.data.path, meta, [cfg.data.split], cfg.model.vocab_size, verify_mode)
     if meta.vocab_size > cfg.model.vocab_size:
         raise UserError(f"data in {cfg.data.path} declares vocab_size={meta.vocab_size} > model.vocab_size="
                         f"{cfg.model.vocab_size}")
@@ -32,6 +33,7 @@ def load_run_data(cfg: RunConfig) -> tuple[RunConfig, Meta]:
 
         cfg.data.eval_split = resolve_eval_split(cfg, meta)
         window_sampler(cfg, cfg.data.eval_split, seed=EVAL_SEED)  # a split too short for one window fails here
+        check_data(cfg.data.path, meta, [cfg.data.eval_split], cfg.model.vocab_size, verify_mode)
     return cfg, meta
 
 

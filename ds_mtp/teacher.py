@@ -124,10 +124,13 @@ class CheckpointTeacher(Teacher):
     def check(cls, cfg: RunConfig, where: str, meta) -> None:
         import json
 
+        from ds_mtp.model import check_exported_weights
+
         config_path = Path(where) / "config.json"
         if not (Path(where) / "model.safetensors").is_file() or not config_path.is_file():
             raise UserError(f"teacher checkpoint {where} is not an exported ds-mtp model "
                             "(needs model.safetensors and config.json, as RUN_DIR/model has)")
+        check_exported_weights(where)  # reliability: a truncated teacher fails here, not in every rank
         tcfg = json.loads(config_path.read_text())["model"]
         if tcfg["vocab_size"] != cfg.model.vocab_size:
             raise UserError(f"teacher checkpoint {where} has vocab_size={tcfg['vocab_size']}, the run "

@@ -36,7 +36,7 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool) -> RunConfig:
     """Validate data and run directory; write RUN_DIR/config.json (the resolved config)."""
     from ds_mtp.teacher import check_teacher, fill_latent_width
 
-    cfg, meta = load_run_data(cfg)
+    cfg, meta = load_run_data(cfg, verify=True)
     # The sampler checks the windows fit the data (e.g. packed_documents: every document fits a window).
     window_sampler(cfg, cfg.data.split, seed=cfg.train.seed)
     check_teacher(cfg, meta)
@@ -44,7 +44,11 @@ def prepare_run(cfg: RunConfig, run_dir: str | Path, resume: bool) -> RunConfig:
     paths = RunDir(run_dir)
     check_new_or_resume(paths, resume)
     if resume:
+        from ds_mtp.checkpoint import resume_tag
+        from ds_mtp.safe_load import check_checkpoint_files
+
         check_resumable(config_from_dict(read_saved_config(paths)), cfg, paths)
+        check_checkpoint_files(paths.checkpoints / resume_tag(paths)[0])  # pickled code is refused before any rank
     paths.path.mkdir(parents=True, exist_ok=True)
     write_atomic(paths.config, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
     return cfg
@@ -198,6 +202,15 @@ def setup(cfg: RunConfig, paths: RunDir, resume: bool, signals: StopSignals) -> 
     rank, world = dist.get_rank(), dist.get_world_size()
     pad_id = meta.special_ids.get("pad")
     t = cfg.train
+    resume_from, resize = None, None
+    if resume:  # the newest complete checkpoint, and how to load it if it was saved on another number of ranks
+        from ds_mtp.checkpoint import resume_tag
+        from ds_mtp.universal import rank_resume_plan
+
+        resume_from, note = resume_tag(paths)
+        if note and rank == 0:
+            print(f"[ds-mtp] {note}", flush=True)
+        resize = rank_resume_plan(cfg, paths.checkpoints, world // t.pipeline_stages, resume_from)
     if t.pipeline_stages > 1:
         from ds_mtp.pipeline import build_pipeline_engine, describe_stages
 
@@ -206,13 +219,17 @@ def setup(cfg: RunConfig, paths: RunDir, resume: bool, signals: StopSignals) -> 
         holds_heads = engine.is_last_stage()
         stages_line = describe_stages(engine)
     else:
-        engine, model = build_engine(cfg, pad_id)
+        engine, model = build_engine(cfg, pad_id, resize)
         loss_fn, dp_rank, dp_size, n_params, holds_heads = None, rank, world, count_parameters(model), True
     fed_replica = role.layout.replica_of(role.rank) if role.layout.teacher_ranks else None
     if role.layout.teacher_ranks and fed_replica != (dp_rank if holds_heads else None):
         raise RuntimeError(f"rank {rank}: the teachers' layout (replica {fed_replica}) disagrees with DeepSpeed's "
                            f"grid (replica {dp_rank}, last stage {holds_heads})")
-    start_step = resume_checkpoint(engine, paths, rank) if resume else 0
+    start_step = 0
+    if resume:
+        from ds_mtp import checkpoint
+
+        start_step = int(checkpoint.load(engine, paths, resume_from, resize)["step"])
     validator = None
     if t.eval_every:
         from ds_mtp.validation import EVAL_SEED, Validator
@@ -240,17 +257,6 @@ def setup(cfg: RunConfig, paths: RunDir, resume: bool, signals: StopSignals) -> 
         if validator is not None:
             print(f"[ds-mtp] {validator.describe()}", flush=True)
     return trainer
-
-
-def resume_checkpoint(engine, paths: RunDir, rank: int) -> int:
-    """Load the newest complete checkpoint (ds_mtp.checkpoint.resume_tag); returns its step."""
-    from ds_mtp import checkpoint
-
-    tag, note = checkpoint.resume_tag(paths)
-    if note and rank == 0:
-        print(f"[ds-mtp] {note}", flush=True)
-    client = checkpoint.load(engine, paths, tag)
-    return int(client["step"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -282,6 +282,18 @@ def _saved_since(run_dir: RunDir, when: float) -> bool:
         return False
 
 
+def resize_overrides(o: LaunchOptions, plan: Launch, cfg) -> list[str]:
+    """``--resume`` of a checkpoint saved on another number of data-parallel ranks: convert it (ds_mtp.universal)
+    and return the override that keeps its global batch; nodes that do not lead are told by their ranks."""
+    paths = RunDir(o.run_dir)
+    if not (o.resume and plan.leads and not o.dry_run and paths.has_checkpoint()):
+        return []
+    from ds_mtp.checkpoint import resume_tag
+    from ds_mtp.universal import prepare_resize
+
+    return prepare_resize(cfg, paths.checkpoints, plan.layout.data_parallel, resume_tag(paths)[0])
+
+
 def launch(o: LaunchOptions) -> int:
     """Check, print the exact command, and run it (unless dry_run). Returns the launcher's exit code.
 
@@ -294,6 +306,10 @@ def launch(o: LaunchOptions) -> int:
         lock.acquire()
     try:
         plan, cfg = plan_launch(o)
+        resize = resize_overrides(o, plan, cfg)  # a checkpoint saved on another number of ranks
+        if resize:
+            o.overrides = [*o.overrides, *resize]
+            plan, cfg = plan_launch(o)
         print(plan.summary)
         print(render(plan.command, plan.env), flush=True)
         if o.dry_run:
@@ -305,5 +321,9 @@ def launch(o: LaunchOptions) -> int:
             return supervise(plan.command, {**os.environ, **plan.env}, RunDir(o.run_dir))
         except FileNotFoundError as e:
             raise UserError(f"cannot start {plan.command[0]}: {e.strerror}") from None
+        finally:  # a single-node launch's ranks leave DeepSpeed's CPU all-reduce buffers in this node's /dev/shm
+            from ds_mtp.shm_buffers import remove_launch_buffers
+
+            remove_launch_buffers(plan.master_port)
     finally:
         lock.release()

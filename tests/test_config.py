@@ -58,3 +58,22 @@ def test_bad_protocol_choices_exit_2_in_one_line(tmp_path, capsys, override):
     code = main(["train", "--run-dir", str(tmp_path / "run"), override])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and override.split("=")[0] in err
+
+
+@pytest.mark.parametrize("override", ["objective.lambda_semantic=.nan", "train.lr=.inf", "train.grad_clip=-.inf",
+                                      "train.lr=inf", "train.lr=nan", "objective.head_weights=[1.0,.nan]"])
+def test_nan_and_inf_are_refused_in_one_line(tmp_path, capsys, override):
+    from ds_mtp.cli import main
+
+    overrides = [override, "model.mtp_k=2"] if "head_weights" in override else [override]
+    code = main(["train", "--run-dir", str(tmp_path / "run"), *overrides])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "must be a finite number" in err, err
+    assert override.split("=")[0] in err
+
+
+def test_nan_in_a_json_config_file_is_refused(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text('{"objective": {"lambda_latent": NaN}}')
+    with pytest.raises(UserError, match="objective.lambda_latent must be a finite number"):
+        load_config(path)

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from ds_mtp.errors import UserError
-from ds_mtp.experiments.worlds.graphs import Graph, from_edges_file
+from ds_mtp.experiments.worlds.graphs import Graph, from_edges_file, utf8_lines
 from ds_mtp.experiments.worlds.tokenize import FORMATS, PathTokenizer, make_tokenizer
 
 CATEGORIES = ("valid", "illegal_turn", "wrong_end", "unterminated", "invalid_format")
@@ -65,10 +65,9 @@ def check_sequences(edges_path: str | Path, fmt: str, file: str | Path) -> dict:
     if not file.is_file():
         raise UserError(f"sequence file not found: {file}")
     counts = dict.fromkeys(CATEGORIES, 0)
-    with open(file) as f:
-        for line in f:
-            words = line.split()
-            if words:
-                counts[classify(tokenizer, words)] += 1
+    for _, line in utf8_lines(file):
+        words = line.split()
+        if words:
+            counts[classify(tokenizer, words)] += 1
     counts["total"] = sum(counts[c] for c in CATEGORIES)
     return counts

@@ -141,6 +141,18 @@ def er(n: int = 100, p: float = 0.04, seed: int = 0) -> Graph:
     return Graph(n, list(zip(us.tolist(), vs.tolist())))
 
 
+def utf8_lines(path: Path):
+    """(line number, line) over a text file, refusing bytes that are not UTF-8 in one line that names the line
+    (the platform's default encoding would decide otherwise, and a decode error is a traceback)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1})") from None
+
+
 def from_edges_file(path: str | Path) -> Graph:
     """Read a graph in the Manhattan format: tab-separated ``node direction neighbor`` lines.
 
@@ -152,16 +164,15 @@ def from_edges_file(path: str | Path) -> Graph:
     if not path.is_file():
         raise UserError(f"edges file not found: {path}")
     triples = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if lineno == 1 and fields == ["node", "direction", "neighbor"]:
-                continue
-            if len(fields) != 3:
-                raise UserError(f"{path}:{lineno}: expected 'node<TAB>direction<TAB>neighbor', got {line.strip()!r}")
-            triples.append(tuple(fields))
+    for lineno, line in utf8_lines(path):
+        fields = line.split()
+        if not fields:
+            continue
+        if lineno == 1 and fields == ["node", "direction", "neighbor"]:
+            continue
+        if len(fields) != 3:
+            raise UserError(f"{path}:{lineno}: expected 'node<TAB>direction<TAB>neighbor', got {line.strip()!r}")
+        triples.append(tuple(fields))
     if not triples:
         raise UserError(f"edges file {path} has no edges")
     ids = {t[0] for t in triples} | {t[2] for t in triples}
