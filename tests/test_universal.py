@@ -14,8 +14,10 @@ from tests.conftest import run_cli
 
 def _fake_checkpoint(ckpt_dir, dp_world_size, train_batch_size, tag="step2"):
     (ckpt_dir / tag).mkdir(parents=True)
-    torch.save({"dp_world_size": dp_world_size, "ds_config": {"train_batch_size": train_batch_size}},
-               ckpt_dir / tag / "mp_rank_00_model_states.pt")
+    states = ckpt_dir / tag / "mp_rank_00_model_states.pt"
+    torch.save({"dp_world_size": dp_world_size, "ds_config": {"train_batch_size": train_batch_size}}, states)
+    # complete, as ds_mtp.checkpoint.save marks a tag before `latest` names it
+    (ckpt_dir / tag / "COMPLETE.json").write_text(json.dumps({"files": {states.name: states.stat().st_size}}))
     (ckpt_dir / "latest").write_text(tag)
     return ckpt_dir
 
