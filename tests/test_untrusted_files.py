@@ -2,6 +2,7 @@
 and never runs (ds_mtp.safe_load). The payload would create a marker file."""
 
 import os
+import json
 import shutil
 import subprocess
 import sys
@@ -25,10 +26,16 @@ class Payload:
 
 
 def plant(path, marker):
-    """Add a payload entry to a checkpoint file ds-mtp wrote (read here with the full unpickler: we wrote it)."""
+    """Add a payload entry to a checkpoint file ds-mtp wrote (read here with the full unpickler: we wrote it), and
+    record the new size in the tag's COMPLETE.json as an attacker would, so the file reaches the loader."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     state["planted"] = Payload(marker)
     torch.save(state, path)
+    complete = path.parent / "COMPLETE.json"
+    if complete.is_file():
+        marker_files = json.loads(complete.read_text())
+        marker_files["files"][path.name] = path.stat().st_size
+        complete.write_text(json.dumps(marker_files))
 
 
 def _refused(proc, marker, path_part):
