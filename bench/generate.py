@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ds_mtp.generate import DecodeStats, generate  # noqa: E402
 from ds_mtp.run_dir import resolve_model_dir  # noqa: E402
-from ds_mtp.text import load_model_dir, resolve_data_path  # noqa: E402
+from ds_mtp.text import load_model_dir  # noqa: E402
+from ds_mtp.tokenizers import resolve_data_path  # noqa: E402
 
 
 def world_prompts(data_dir, count: int) -> tuple[list[list[int]], int]:

@@ -49,7 +49,8 @@ metadata:
 def main() -> None:
     from ds_mtp.data import TokenShards
     from ds_mtp.run_dir import resolve_model_dir
-    from ds_mtp.text import find_tokenizer, load_model_dir, resolve_data_path
+    from ds_mtp.text import load_model_dir
+    from ds_mtp.tokenizers import find_tokenizer, resolve_data_path
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True, help="a ds-mtp model directory (or its HF export)")

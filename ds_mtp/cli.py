@@ -107,7 +107,8 @@ def cmd_export(args) -> int:
 
 def cmd_generate(args) -> int:
     from ds_mtp.run_dir import resolve_model_dir
-    from ds_mtp.text import find_tokenizer, generate_text, load_model_dir, read_prompts
+    from ds_mtp.text import generate_text, load_model_dir, read_prompts
+    from ds_mtp.tokenizers import find_tokenizer
 
     prompts = read_prompts(args.prompt, args.prompts)
     model, config = load_model_dir(args.model, args.device)

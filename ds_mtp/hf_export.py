@@ -151,10 +151,10 @@ def from_hf_tensors(cfg, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def write_tokenizer(tokenizer, special_ids: dict, out_dir: Path) -> None:
-    """tokenizer.json (+ config) for AutoTokenizer, and ds-mtp's own copy, from a ds_mtp.text tokenizer."""
+    """tokenizer.json (+ config) for AutoTokenizer, and ds-mtp's own copy, from a ds_mtp.tokenizers tokenizer."""
     from transformers import PreTrainedTokenizerFast
 
-    from ds_mtp.text import WORLD_VOCAB_NAME, SentencePieceText
+    from ds_mtp.tokenizers import WORLD_VOCAB_NAME, SentencePieceText
 
     if isinstance(tokenizer, SentencePieceText):
         import importlib
@@ -193,7 +193,7 @@ def export_hf(source: str | Path, out_dir: str | Path, tag: str | None = None, o
     checkpoint ``tag``, default the latest, is consolidated first) to ``out_dir``."""
     from ds_mtp.model import load_exported
     from ds_mtp.run_dir import resolve_model_dir
-    from ds_mtp.text import find_tokenizer
+    from ds_mtp.tokenizers import find_tokenizer
 
     try:
         import transformers  # noqa: F401
@@ -247,7 +247,7 @@ def export_hf(source: str | Path, out_dir: str | Path, tag: str | None = None, o
 
 
 def special_token_ids(tokenizer, pad_id: int | None) -> dict:
-    from ds_mtp.text import SentencePieceText
+    from ds_mtp.tokenizers import SentencePieceText
 
     if isinstance(tokenizer, SentencePieceText):
         p = tokenizer.processor

@@ -14,7 +14,8 @@ from ds_mtp.cli import main as ds_main
 from ds_mtp.config import ModelConfig
 from ds_mtp.generate import generate
 from ds_mtp.model import MTPModel, save_exported
-from ds_mtp.text import SentencePieceText, find_tokenizer, generate_text
+from ds_mtp.text import generate_text
+from ds_mtp.tokenizers import SentencePieceText, find_tokenizer
 
 quiet = dict(log=lambda *a: None)
 

@@ -88,7 +88,7 @@ def test_the_sentencepiece_tokenizer_encodes_as_the_run_does(tmp_path):
     from data_prep.stdlib_corpus import write_stdlib_corpus
     from data_prep.shard import shard_corpus
     from data_prep.tokenizer import train_tokenizer
-    from ds_mtp.text import SentencePieceText
+    from ds_mtp.tokenizers import SentencePieceText
 
     quiet = dict(log=lambda *a: None)
     write_stdlib_corpus(tmp_path / "c.jsonl", max_docs=60, **quiet)
