@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ds_mtp.data import has_manifest  # noqa: E402
-from ds_mtp.engine import free_port  # noqa: E402
+from ds_mtp.ranks import free_port  # noqa: E402
 from ds_mtp.monitor import read_metrics  # noqa: E402
 from tests.conftest import make_token_data  # noqa: E402
 

@@ -126,7 +126,7 @@ def main() -> int:
     if "LOCAL_RANK" in os.environ:
         bench_rank(args)
         return 0
-    from ds_mtp.engine import free_port
+    from ds_mtp.ranks import free_port
 
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.stages),
            "--master_port", str(free_port()), __file__, *sys.argv[1:]]

@@ -127,40 +127,6 @@ def init_distributed() -> None:
                                distributed_port=int(os.environ["MASTER_PORT"]), verbose=False)
 
 
-def _bindable(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    """A port free on this host together with the next one (a teacher bridge listens on MASTER_PORT + 1), chosen
-    below the kernel's ephemeral range. Outgoing connections (gloo's, a teacher bridge's) take their local ports
-    from that range, so a port picked there (as binding port 0 picks) can be taken between the pick and the rank
-    that listens on it: seen as EADDRINUSE in a launch with a teacher rank."""
-    import random
-    import socket
-
-    try:
-        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_low = 32768
-    if ephemeral_low > 11024:
-        draw = random.Random()  # its own generator: never the seeded global one
-        for _ in range(100):
-            port = draw.randrange(ephemeral_low - 10000, ephemeral_low - 1)
-            if _bindable(port) and _bindable(port + 1):
-                return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def initialize(cfg: RunConfig, module: torch.nn.Module, dp_size: int, resume_plan=None):
     """AdamW (the paper's decay rule: param_groups) and the warm-up + cosine schedule around ``module``, as one
     DeepSpeed engine; the ZeRO and the pipeline layouts both start here. ``resume_plan``: a

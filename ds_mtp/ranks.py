@@ -7,7 +7,8 @@ Three things live here and nowhere else:
 - ``read_launch``: this process's place in the launch, read from the environment of the deepspeed launcher,
   torchrun, mpirun or srun, **without changing it**;
 - ``write_role_env``: the one writer of RANK / WORLD_SIZE / LOCAL_* / MASTER_*, called once per process
-  before DeepSpeed starts, so that DeepSpeed's world holds only this process's role (trainers or teachers).
+  before DeepSpeed starts, so that DeepSpeed's world holds only this process's role (trainers or teachers);
+- ``free_port``: a rendezvous port for a launch on this node.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 from ds_mtp.errors import UserError
@@ -196,8 +198,6 @@ def find_role(cfg, env: Mapping[str, str] = os.environ) -> Role:
     """This process's role under ``cfg``: read from the launcher's environment (a world of one when started by
     hand), checked against the layout rule. Changes nothing, except that under mpirun without MASTER_ADDR
     every rank asks rank 0 for its address over MPI."""
-    from ds_mtp.engine import free_port
-
     place = read_launch(env)
     if place is None:
         if cfg.teacher.ranks:
@@ -222,3 +222,34 @@ def write_role_env(role: Role, local_trainers: int | None = None) -> None:
     if local_trainers is not None and not role.is_teacher:
         env.update({var: str(local_trainers) for var in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE") if var in os.environ})
     os.environ.update(env)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A port free on this host together with the next one (a teacher bridge listens on MASTER_PORT + 1), chosen
+    below the kernel's ephemeral range. Outgoing connections (gloo's, a teacher bridge's) take their local ports
+    from that range, so a port picked there (as binding port 0 picks) can be taken between the pick and the rank
+    that listens on it: seen as EADDRINUSE in a launch with a teacher rank."""
+    import random
+
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    if ephemeral_low > 11024:
+        draw = random.Random()  # its own generator: never the seeded global one
+        for _ in range(100):
+            port = draw.randrange(ephemeral_low - 10000, ephemeral_low - 1)
+            if _bindable(port) and _bindable(port + 1):
+                return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

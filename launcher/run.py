@@ -147,7 +147,7 @@ def _master_port(o: LaunchOptions, nodes: dict[str, list[int]], layout: RankLayo
     if not port:
         port = DEFAULT_MASTER_PORT
         if not o.hostfile and not checks.port_is_free(port):
-            from ds_mtp.engine import free_port
+            from ds_mtp.ranks import free_port
 
             port = free_port()  # nothing else has to agree on a single node's port
     if _master_here(o, nodes):

@@ -66,10 +66,11 @@ def test_the_buffers_of_an_ended_launch_are_removed_and_no_live_job_loses_its_ow
 @pytest.mark.multiprocess
 def test_a_two_rank_launch_leaves_no_buffer_in_dev_shm(tmp_path, token_data, monkeypatch):
     import launcher.run
-    from ds_mtp import engine, shm_buffers
+    from ds_mtp import shm_buffers
+    from ds_mtp.ranks import free_port
     from ds_mtp.cli import main
 
-    port = engine.free_port()
+    port = free_port()
     monkeypatch.setattr(launcher.run, "DEFAULT_MASTER_PORT", port)  # the launch's master port
     removed = []
     remove = shm_buffers.remove_launch_buffers

@@ -9,7 +9,7 @@ import pytest
 
 from ds_mtp.cli import main
 from ds_mtp.config import load_config
-from ds_mtp.engine import free_port
+from ds_mtp.ranks import free_port
 from ds_mtp.errors import UserError
 from ds_mtp.monitor import read_metrics
 from launcher.checks import find_executable

@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, make_token_data, run_cli
 from ds_mtp.config import ModelConfig, load_config
 from ds_mtp.data import TokenShards, WindowSampler, read_meta, write_documents
-from ds_mtp.engine import free_port
+from ds_mtp.ranks import free_port
 from ds_mtp.errors import UserError
 from ds_mtp.model import AttentionLayout, MTPModel, load_exported, save_exported
 from ds_mtp.monitor import read_metrics

@@ -134,7 +134,7 @@ def test_free_port_and_the_next_are_below_the_ephemeral_range():
     taken before a rank listens on it (EADDRINUSE with a teacher bridge on MASTER_PORT + 1)."""
     from pathlib import Path
 
-    from ds_mtp.engine import free_port
+    from ds_mtp.ranks import free_port
 
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     ports = [free_port() for _ in range(20)]

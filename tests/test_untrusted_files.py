@@ -77,7 +77,7 @@ def test_a_rank_resuming_by_itself_reads_deepspeeds_files_weights_only(planted_r
     run, marker = planted_run
     (target,) = (run / "checkpoints" / "step2").glob("*optim_states.pt")
     plant(target, marker)
-    from ds_mtp.engine import free_port
+    from ds_mtp.ranks import free_port
     from ds_mtp.shm_buffers import remove_launch_buffers
 
     port = free_port()
