@@ -29,10 +29,12 @@ def cmd_train(args) -> int:
     if args.data:
         overrides.append(f"data.path={args.data}")
     if args.nproc > 1 and not inside_launch():
+        from ds_mtp.ranks import free_port
         from launcher import LaunchOptions, launch
 
+        # A port of its own: two `train --nproc` on one machine must not both take the default 29500.
         return launch(LaunchOptions(run_dir=args.run_dir, config=args.config, overrides=overrides, nproc=args.nproc,
-                                    resume=args.resume))
+                                    master_port=free_port(), resume=args.resume))
     cfg = load_config(args.config, overrides)
     launched = inside_launch()  # before train(): it writes this process's rank environment
     if launched and (os.environ.get("DS_MTP_PREPARED") or not is_launch_leader()):

@@ -65,13 +65,11 @@ def test_the_buffers_of_an_ended_launch_are_removed_and_no_live_job_loses_its_ow
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_two_rank_launch_leaves_no_buffer_in_dev_shm(tmp_path, token_data, monkeypatch):
-    import launcher.run
-    from ds_mtp import shm_buffers
-    from ds_mtp.ranks import free_port
+    from ds_mtp import ranks, shm_buffers
     from ds_mtp.cli import main
 
-    port = free_port()
-    monkeypatch.setattr(launcher.run, "DEFAULT_MASTER_PORT", port)  # the launch's master port
+    port = ranks.free_port()
+    monkeypatch.setattr(ranks, "free_port", lambda: port)  # the launch's master port
     removed = []
     remove = shm_buffers.remove_launch_buffers
     monkeypatch.setattr(shm_buffers, "remove_launch_buffers", lambda p: removed.extend(remove(p)) or removed)
