@@ -29,11 +29,8 @@ prep-stdlib: $(STAMP)
 		--workers 2 --val-fraction 0.05 --overwrite
 	$(BIN)/ds-mtp prep verify runs/prep/data
 
-# Single-process tests on two workers (pytest-xdist, a file per worker); the multi-rank launches after them,
-# one at a time, so ranks never compete for the cores with another launch's.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile -m "not multiprocess"
-	$(BIN)/python -m pytest -q -ra -m multiprocess
+	$(BIN)/python -m pytest -q -ra
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not multiprocess and not slow"
