@@ -117,18 +117,16 @@ def _rank_pids(parent: int) -> list[int]:
 LONG = ["train.max_steps=100000", "train.save_model=false"]
 
 
-@pytest.mark.slow
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("target", ["parent", "one rank"])
-def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path, token_data, target):
-    run = tmp_path / "run"
-    args = ["--nproc", "2", f"data.path={token_data}", *COMMON]
-    proc = _start(run, [*args, *LONG])
+def _stopped_by_sigterm(run: Path, args: list[str], target: str, extra: list[str]) -> int:
+    """Start ``ds-mtp train ARGS``, SIGTERM ``target`` (the launching process or one rank) after a few steps;
+    check it exits 75 with `latest` at the last logged step and no lock left. Returns that step."""
+    proc = _start(run, [*args, *extra])
     try:
-        _wait_for_steps(run, proc, 3)
+        before = len(read_metrics(run / "metrics.jsonl"))
+        _wait_for_steps(run, proc, before + 3)
         if target == "parent":
             # a second writer while the run is live is refused, naming the holder
-            second = run_cli("train", "--run-dir", str(run), "--resume", *args, *LONG, timeout=120)
+            second = run_cli("train", "--run-dir", str(run), "--resume", *args, *extra, timeout=120)
             assert second.returncode == 2, second.stderr[-2000:]
             assert f"is in use by pid {proc.pid} on " in second.stderr and second.stderr.count("\n") == 1
             os.kill(proc.pid, signal.SIGTERM)
@@ -138,11 +136,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path, token_data, target):
     finally:
         kill_session(proc)
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
-    rows = read_metrics(run / "metrics.jsonl")
-    assert (run / "checkpoints" / "latest").read_text() == f"step{rows[-1]['step']}"
+    last = read_metrics(run / "metrics.jsonl")[-1]["step"]
+    assert (run / "checkpoints" / "latest").read_text() == f"step{last}"
     assert "continue with --resume" in err and not (run / "run.lock").exists()
-    # the run goes on from there
-    last = rows[-1]["step"]
+    return last
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigterm_to_one_rank_or_to_the_launch_saves_a_checkpoint_and_exits_75(tmp_path, token_data):
+    run = tmp_path / "run"
+    args = ["--nproc", "2", f"data.path={token_data}", *COMMON]
+    _stopped_by_sigterm(run, args, "one rank", LONG)
+    last = _stopped_by_sigterm(run, [*args, "--resume"], "parent", LONG)  # the resumed run, stopped in turn
     r = run_cli("train", "--run-dir", str(run), "--resume", *args, f"train.max_steps={last + 2}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert [row["step"] for row in read_metrics(run / "metrics.jsonl")] == list(range(1, last + 3))
