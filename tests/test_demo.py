@@ -34,3 +34,15 @@ def test_demo_compares_only_converged_methods():
     assert mtp.startswith("MTP: converged (held-out ce_1 1.06x NTP's") and "path success 0.880 vs NTP's 0.900" in mtp
     assert lse.startswith("LSE-MTP has not converged: held-out ce_1 2.600 is 3.71x NTP's 0.700")
     assert "path success" not in lse
+
+
+def test_a_directory_that_is_not_a_demo_is_refused_in_one_line(tmp_path):
+    import pytest
+
+    from ds_mtp.errors import UserError
+    from ds_mtp.experiments.demo import run_demo
+
+    (tmp_path / "ntp").mkdir()  # an older demo's layout
+    with pytest.raises(UserError, match="holds something other than a demo .*remove it or choose another --run-dir"):
+        run_demo(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["ntp"]

@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ds_mtp.data import write_atomic
-from ds_mtp.experiments.reproduce import (CONVERGENCE_TOLERANCE, HELDOUT_CE, SCALES, ReproduceResult,
-                                          reproduce, unconverged)
+from ds_mtp.errors import UserError
+from ds_mtp.experiments.reproduce import (CONVERGENCE_TOLERANCE, HELDOUT_CE, SCALES, SETTINGS_FILE,
+                                          ReproduceResult, reproduce, unconverged)
 
 DEMO_METHODS = ("ntp", "mtp", "lse-mtp")
 K = 4
@@ -65,6 +66,9 @@ def demo_overrides(steps: int) -> list[str]:
 
 def run_demo(run_dir: str | Path, steps: int = 0, nproc: int = 2, seed: int = 0) -> list[dict]:
     run_dir = Path(run_dir)
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / SETTINGS_FILE).is_file():
+        raise UserError(f"{run_dir} holds something other than a demo (no {SETTINGS_FILE}; an older ds-mtp's demo?): "
+                        "remove it or choose another --run-dir")
     command = f"ds-mtp demo --run-dir {run_dir}" + (f" --steps {steps}" if steps else "") + \
         (f" --nproc {nproc}" if nproc != SCALES["demo"].nproc else "") + (f" --seed {seed}" if seed else "")
     result = reproduce("usg", list(DEMO_METHODS), 1, "demo", run_dir, k=K, nproc=nproc, resume=True,
