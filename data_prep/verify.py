@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
-from ds_mtp.data import manifest_path, read_meta, sha256_file
+from ds_mtp.data import manifest_path, read_meta, shard_hash_faults
 from ds_mtp.errors import UserError
 from data_prep.tokenizer import MODEL_NAME, load_processor, tokenizer_sha256
 
@@ -35,11 +34,8 @@ def verify_data(data_dir: str | Path, log=print) -> list[str]:
             if not bin_path.is_file() or not idx_path.is_file():
                 faults.append(f"{info.name}: missing {'.bin' if not bin_path.is_file() else '.idx'}")
                 continue
-            if sha256_file(bin_path) != info.sha256:
-                faults.append(f"{info.name}.bin: sha256 differs from {manifest}")
+            faults += shard_hash_faults(data_dir, info, manifest)
             idx_bytes = idx_path.read_bytes()
-            if hashlib.sha256(idx_bytes).hexdigest() != info.idx_sha256:
-                faults.append(f"{info.name}.idx: sha256 differs from {manifest}")
             size = bin_path.stat().st_size
             if size % dtype.itemsize:
                 faults.append(f"{info.name}.bin: {size} bytes is not a whole number of {dtype} tokens")

@@ -59,6 +59,17 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def shard_hash_faults(data_dir: str | Path, info: "ShardInfo", manifest: str) -> list[str]:
+    """The files of shard ``info`` whose sha256 differs from the manifest's, as fault lines ([] when both match)."""
+    data_dir = Path(data_dir)
+    faults = []
+    if sha256_file(data_dir / f"{info.name}.bin") != info.sha256:
+        faults.append(f"{info.name}.bin: sha256 differs from {manifest}")
+    if sha256_file(data_dir / f"{info.name}.idx") != info.idx_sha256:
+        faults.append(f"{info.name}.idx: sha256 differs from {manifest}")
+    return faults
+
+
 @dataclass
 class ShardInfo:
     """One shard as recorded in the manifest."""

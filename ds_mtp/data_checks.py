@@ -19,12 +19,11 @@ What neither can see, a shard changed after the run started, the sampler still r
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
-from ds_mtp.data import Meta, ShardInfo, manifest_path, sha256_file, shard_dtype, shard_size_problem
+from ds_mtp.data import Meta, ShardInfo, manifest_path, shard_dtype, shard_hash_faults, shard_size_problem
 from ds_mtp.errors import UserError
 
 VERIFY_MODES = ("quick", "full")
@@ -55,13 +54,10 @@ def check_data(data_dir: str | Path, meta: Meta, splits: list[str], vocab_size: 
 
 
 def _check_hashes(data_dir: Path, info: ShardInfo, manifest: str) -> None:
-    bin_path, idx_path = data_dir / f"{info.name}.bin", data_dir / f"{info.name}.idx"
-    if sha256_file(bin_path) != info.sha256:
-        raise UserError(f"data.verify=full: {bin_path} differs from the sha256 in {manifest} (changed after it was "
-                        f"written; ds-mtp prep verify {data_dir} lists every fault)")
-    if hashlib.sha256(idx_path.read_bytes()).hexdigest() != info.idx_sha256:
-        raise UserError(f"data.verify=full: {idx_path} differs from the sha256 in {manifest} (changed after it was "
-                        f"written; ds-mtp prep verify {data_dir} lists every fault)")
+    faults = shard_hash_faults(data_dir, info, manifest)
+    if faults:
+        raise UserError(f"data.verify=full: {data_dir}/{faults[0]} (changed after it was written; ds-mtp prep verify "
+                        f"{data_dir} lists every fault)")
 
 
 def _scan_ids(bin_path: Path, info: ShardInfo, dtype: np.dtype, vocab_size: int) -> None:

@@ -69,7 +69,7 @@ def test_full_verify_hashes_the_shards_the_quick_check_only_sizes_them(tmp_path,
     meta = read_meta(data)
     check_data(data, meta, ["train"], 64, "quick")
     err = _train_error(tmp_path, capsys, data, "data.verify=full")
-    assert "data.verify=full" in err and "train_00000.bin differs from the sha256" in err
+    assert "data.verify=full" in err and "train_00000.bin: sha256 differs from" in err
     # A run that starts anyway (the quick check) stops at the first batch that reads the id, in one line.
     sampler = WindowSampler(TokenShards(data, "train"), 32, 64, mode="packed")
     with pytest.raises(UserError, match="holds token id 1000, not below its vocab_size=64"):
