@@ -266,7 +266,7 @@ def zero_step(tr: Trainer, step: int) -> torch.Tensor:
     from ds_mtp.objective import pack_terms
 
     t, device = tr.cfg.train, tr.engine.device
-    sums = torch.zeros(0, dtype=torch.float64)
+    sums = 0
     for micro in range(t.grad_accum):
         index = step * t.grad_accum + micro
         batch = tr.sampler.batch(index)
@@ -274,9 +274,8 @@ def zero_step(tr: Trainer, step: int) -> torch.Tensor:
         out = tr.engine(batch.tokens.to(device), batch.doc_ids.to(device), *latent)
         tr.engine.backward(out["loss"])
         tr.engine.step()
-        terms = pack_terms(out).cpu().double()
-        sums = terms if micro == 0 else sums + terms
-    return sums
+        sums = sums + pack_terms(out).double()  # on the device: one copy to the host per step, not per micro-batch
+    return sums.cpu()
 
 
 def pipeline_step(tr: Trainer, step: int) -> torch.Tensor:
